@@ -1,0 +1,1 @@
+//! kmem in user space.
