@@ -1,1 +1,2 @@
+//! The `kmem` command.
 fn main() {}

@@ -1,1 +1,12 @@
-//! kmem in user space.
+//! kmem in user space: a simulated machine with memfd memory, real mappings and virtual CPUs.
+//!
+//! * [`platform::HostedPlatform`] implements the core's platform trait: physical memory is a
+//!   sparse memfd, the direct map and the kmap and vmalloc windows are real mappings of it,
+//!   threads run on virtual CPUs, sleeping is a futex, and reports go to an in-memory log.
+//! * [`machine::Machine`] boots kmem on such a platform from a memory map and a
+//!   configuration, and prints the `/proc` reports.
+
+pub mod machine;
+pub mod platform;
+
+pub use machine::{Machine, MachineConfig, MachineError};

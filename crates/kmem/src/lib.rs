@@ -9,7 +9,7 @@
 //!    page descriptor array (`mem_map`).
 //! 4. [`report`]: `/proc/buddyinfo`, `/proc/zoneinfo` and `/proc/meminfo` in Linux's formats.
 //!
-//! [`Kmem::boot`](page_alloc::Kmem::boot) runs the kernel's boot order: memblock hands its
+//! [`Kmem::boot`] runs the kernel's boot order: memblock hands its
 //! memory map over, `mem_map` and the per-CPU page sets are carved out of it, zones are sized
 //! and given watermarks, and every unreserved page is freed into the buddy allocator.
 #![no_std]
@@ -23,8 +23,11 @@ pub mod addr;
 pub mod config;
 pub mod fmt_util;
 pub mod gfp;
+mod kmem;
 pub mod memblock;
 pub mod page_alloc;
 pub mod platform;
 pub mod report;
 pub mod sync;
+
+pub use crate::kmem::Kmem;

@@ -1,0 +1,246 @@
+//! [`Machine`]: a simulated computer running kmem.
+//!
+//! A machine is a physical memory map (RAM ranges with holes, boot reservations), a number of
+//! virtual CPUs and a kmem [`Config`]. [`Machine::boot`] creates the [`HostedPlatform`]
+//! (memfd-backed physical memory, the direct map, kmap and vmalloc windows), registers the
+//! memory map with memblock as firmware would, and boots kmem over it.
+//!
+//! [`MachineConfig::default`] is a small PC: x86_64 zones, 4 CPUs, RAM at 0–640 KiB,
+//! 1 MiB–3 GiB and 4–5 GiB (a PCI hole below 4 GiB), the first page and a 32 MiB kernel image
+//! at 16 MiB reserved. Physical memory is sparse: only what is touched costs host memory.
+
+use std::fmt;
+use std::ops::Deref;
+
+use kmem::Kmem;
+use kmem::config::{Config, ZoneLayout};
+use kmem::memblock::Memblock;
+use kmem::page_alloc::BootError;
+use kmem::report;
+
+use crate::platform::{HostedPlatform, MemorySpec};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// A machine's description.
+#[derive(Clone, Debug)]
+pub struct MachineConfig {
+    /// RAM ranges `(base, size)`, as an e820 map lists them.
+    pub ram: Vec<(u64, u64)>,
+    /// Ranges reserved before the page allocator starts `(base, size)`: firmware, the kernel
+    /// image, boot-time buffers.
+    pub reserved: Vec<(u64, u64)>,
+    /// Number of virtual CPUs.
+    pub nr_cpus: usize,
+    /// Size of the kmap window, in pages.
+    pub kmap_pages: usize,
+    /// Size of the vmalloc range, in bytes.
+    pub vmalloc_size: u64,
+    /// The core's configuration (zone layout and tunables).
+    pub kmem: Config,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            ram: vec![(0x1000, 0x9f000), (MIB, 3 * GIB - MIB), (4 * GIB, GIB)],
+            reserved: vec![(16 * MIB, 32 * MIB)],
+            nr_cpus: 4,
+            kmap_pages: 512,
+            vmalloc_size: GIB,
+            kmem: Config::default(),
+        }
+    }
+}
+
+impl MachineConfig {
+    /// An x86_64 machine with `ram` bytes of RAM from address 0 up, no holes, no reservation.
+    pub fn x86_64(ram: u64) -> MachineConfig {
+        MachineConfig {
+            ram: vec![(0, ram)],
+            reserved: Vec::new(),
+            ..MachineConfig::default()
+        }
+    }
+
+    /// An x86_32 machine (DMA, Normal below 896 MiB, HighMem above) with `ram` bytes of RAM.
+    pub fn x86_32(ram: u64) -> MachineConfig {
+        let mut c = MachineConfig::x86_64(ram);
+        c.kmem.layout = ZoneLayout::X86_32;
+        c
+    }
+
+    /// The same machine with `n` CPUs.
+    pub fn with_cpus(mut self, n: usize) -> MachineConfig {
+        self.nr_cpus = n;
+        self
+    }
+
+    /// The same machine with `[base, base + size)` reserved at boot.
+    pub fn with_reserved(mut self, base: u64, size: u64) -> MachineConfig {
+        self.reserved.push((base, size));
+        self
+    }
+
+    /// The same machine with `[base, base + size)` removed from RAM (a hole).
+    pub fn with_hole(mut self, base: u64, size: u64) -> MachineConfig {
+        let end = base + size;
+        self.ram = self
+            .ram
+            .iter()
+            .flat_map(|&(b, s)| {
+                let e = b + s;
+                let mut parts = Vec::new();
+                if b < base.min(e) {
+                    parts.push((b, base.min(e) - b));
+                }
+                if end.max(b) < e {
+                    parts.push((end.max(b), e - end.max(b)));
+                }
+                parts
+            })
+            .collect();
+        self
+    }
+
+    /// Sum of the RAM ranges, in bytes.
+    pub fn ram_bytes(&self) -> u64 {
+        self.ram.iter().map(|r| r.1).sum()
+    }
+}
+
+/// Why a machine did not boot.
+#[derive(Debug)]
+pub enum MachineError {
+    /// The host refused the memory or mappings.
+    Host(std::io::Error),
+    /// The memory map could not be registered with memblock.
+    Memblock(String),
+    /// kmem's boot failed.
+    Boot(BootError),
+}
+
+impl fmt::Display for MachineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MachineError::Host(e) => write!(f, "host: {e}"),
+            MachineError::Memblock(e) => write!(f, "memblock: {e}"),
+            MachineError::Boot(e) => write!(f, "boot: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for MachineError {}
+
+/// A booted simulated machine. Dereferences to its [`Kmem`].
+pub struct Machine {
+    kmem: Box<Kmem<HostedPlatform>>,
+    memblock: Memblock,
+    config: MachineConfig,
+}
+
+impl Machine {
+    /// Boots a machine: host memory and mappings, memblock, then kmem.
+    pub fn boot(config: MachineConfig) -> Result<Machine, MachineError> {
+        let top = config.ram.iter().map(|&(b, s)| b + s).max().unwrap_or(0);
+        let phys_size = top.next_multiple_of(4096).max(4096);
+        let spec = MemorySpec {
+            phys_size,
+            direct_map_size: phys_size.min(config.kmem.layout.lowmem_end()),
+            kmap_pages: config.kmap_pages,
+            vmalloc_size: config.vmalloc_size,
+            nr_cpus: config.nr_cpus,
+        };
+        let platform = HostedPlatform::new(spec).map_err(MachineError::Host)?;
+        let mut memblock = Memblock::new();
+        for &(b, s) in &config.ram {
+            memblock
+                .add(b, s)
+                .map_err(|e| MachineError::Memblock(format!("add {b:#x}+{s:#x}: {e}")))?;
+        }
+        for &(b, s) in &config.reserved {
+            memblock
+                .reserve(b, s)
+                .map_err(|e| MachineError::Memblock(format!("reserve {b:#x}+{s:#x}: {e}")))?;
+        }
+        let kmem = Kmem::boot(&mut memblock, config.kmem, platform).map_err(MachineError::Boot)?;
+        Ok(Machine {
+            kmem: Box::new(kmem),
+            memblock,
+            config,
+        })
+    }
+
+    /// Boots [`MachineConfig::default`].
+    pub fn boot_default() -> Result<Machine, MachineError> {
+        Machine::boot(MachineConfig::default())
+    }
+
+    /// The kmem instance.
+    pub fn kmem(&self) -> &Kmem<HostedPlatform> {
+        &self.kmem
+    }
+
+    /// The platform: memory, CPUs, log.
+    pub fn platform(&self) -> &HostedPlatform {
+        self.kmem.platform()
+    }
+
+    /// memblock as boot left it (its reservations include `mem_map`).
+    pub fn memblock(&self) -> &Memblock {
+        &self.memblock
+    }
+
+    /// The configuration this machine booted with.
+    pub fn config(&self) -> &MachineConfig {
+        &self.config
+    }
+
+    /// `/proc/buddyinfo`.
+    pub fn proc_buddyinfo(&self) -> String {
+        let mut s = String::new();
+        report::buddyinfo(self.kmem.pages(), &mut s).expect("String never fails");
+        s
+    }
+
+    /// `/proc/zoneinfo`.
+    pub fn proc_zoneinfo(&self) -> String {
+        let mut s = String::new();
+        report::zoneinfo(self.kmem.pages(), &mut s).expect("String never fails");
+        s
+    }
+
+    /// `/proc/meminfo`.
+    pub fn proc_meminfo(&self) -> String {
+        let mut s = String::new();
+        report::meminfo(&self.kmem, &mut s).expect("String never fails");
+        s
+    }
+
+    /// The report named as under `/proc` ("buddyinfo", "zoneinfo", "meminfo").
+    pub fn proc(&self, name: &str) -> Option<String> {
+        match name {
+            "buddyinfo" => Some(self.proc_buddyinfo()),
+            "zoneinfo" => Some(self.proc_zoneinfo()),
+            "meminfo" => Some(self.proc_meminfo()),
+            _ => None,
+        }
+    }
+
+    /// Free blocks per order of every zone, indexed `[zone][order]` (buddyinfo as numbers).
+    pub fn free_area_counts(&self) -> Vec<[usize; kmem::addr::NR_PAGE_ORDERS]> {
+        self.kmem
+            .zones()
+            .iter()
+            .map(|z| std::array::from_fn(|o| z.nr_free(o as u32)))
+            .collect()
+    }
+}
+
+impl Deref for Machine {
+    type Target = Kmem<HostedPlatform>;
+    fn deref(&self) -> &Kmem<HostedPlatform> {
+        &self.kmem
+    }
+}
