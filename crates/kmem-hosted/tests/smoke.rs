@@ -11,7 +11,9 @@ fn default_machine_boots_and_allocates() {
     let free0 = m.nr_free_pages();
     let p = m.alloc_pages(GFP_KERNEL, 0).unwrap();
     let va = m.page_address(p).unwrap();
+    // SAFETY: `p` is a live order-0 allocation and `va` its direct-map address.
     unsafe { va.as_ptr().write_bytes(0xab, 4096) };
+    // SAFETY: `p` was allocated above at order 0 and is not used again.
     unsafe { m.__free_pages(p, 0) };
     m.drain_all_pages();
     assert_eq!(m.nr_free_pages(), free0);
@@ -30,8 +32,10 @@ fn x86_32_highmem() {
     let p = m.alloc_pages(GFP_HIGHUSER | __GFP_ZERO, 0).unwrap();
     assert!(m.page_address(p).is_none());
     let va = m.kmap(p);
+    // SAFETY: `va` is the kmap of the live page `p`.
     unsafe { assert_eq!(*va.as_ptr(), 0) };
     m.kunmap(p);
+    // SAFETY: `p` was allocated above at order 0 and is not used again.
     unsafe { m.__free_pages(p, 0) };
     print!("{}", m.proc_meminfo());
 }
