@@ -1,2 +1,169 @@
-//! The `kmem` command.
-fn main() {}
+//! The `kmem` command: boot a simulated machine, run a workload on it, print its `/proc`.
+//!
+//! `kmem` with no arguments boots the default machine, runs the page-allocator demo and
+//! prints the reports. `kmem proc NAME` prints one report after the demo workload.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kmem::config::ZoneLayout;
+use kmem_hosted::{Machine, MachineConfig};
+
+mod demo;
+
+/// kmem: the Linux kernel's memory allocators on a simulated machine.
+///
+/// With no command, boots the default machine (x86_64 zones, 4 CPUs, about 4 GiB of RAM with a
+/// PCI hole), runs a short page-allocator workload (allocations of every order and zone,
+/// fragmentation, an allocation failure, freeing everything) and prints /proc/buddyinfo and
+/// /proc/meminfo as Linux would.
+#[derive(Parser, Debug)]
+#[command(name = "kmem", version, about, long_about)]
+struct Cli {
+    /// Machine RAM, e.g. 512M or 2G (one range from address 0; default: the PC layout).
+    #[arg(long, value_parser = parse_size, global = true)]
+    mem: Option<u64>,
+    /// Number of virtual CPUs.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1024), global = true)]
+    cpus: u16,
+    /// Zone layout.
+    #[arg(long, value_enum, default_value_t = Layout::X86_64, global = true)]
+    layout: Layout,
+    /// Print the kernel log lines (boot messages, reports) as they happen.
+    #[arg(long, global = true)]
+    dmesg: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot, run the demo workload and print its narration and reports (the default).
+    Demo,
+    /// Boot, run the demo workload quietly, then print one /proc file.
+    Proc {
+        /// Which file.
+        #[arg(value_enum)]
+        file: ProcFile,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ProcFile {
+    Buddyinfo,
+    Zoneinfo,
+    Meminfo,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Layout {
+    /// DMA < 16 MiB, DMA32 < 4 GiB, Normal above.
+    #[value(name = "x86_64")]
+    X86_64,
+    /// DMA < 16 MiB, Normal < 896 MiB, HighMem above.
+    #[value(name = "x86_32")]
+    X86_32,
+}
+
+/// Parses `512M`, `2G`, `65536K` or a byte count.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix '{c}' (use K, M, G or T)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 512M, 2G)"))?;
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))?;
+    if bytes < (4 << 20) {
+        return Err(format!(
+            "'{s}' is too small: a machine needs at least 4M of RAM"
+        ));
+    }
+    Ok(bytes)
+}
+
+fn machine_config(cli: &Cli) -> MachineConfig {
+    let mut cfg = match cli.mem {
+        Some(bytes) => MachineConfig::x86_64(bytes),
+        None => MachineConfig::default(),
+    };
+    if cli.layout == Layout::X86_32 {
+        cfg.kmem.layout = ZoneLayout::X86_32;
+        if cli.mem.is_none() {
+            // A 32-bit PC: 2 GiB, so there is HighMem above 896 MiB.
+            cfg.ram = vec![(0x1000, 0x9f000), (1 << 20, (2 << 30) - (1 << 20))];
+        }
+    }
+    cfg.nr_cpus = usize::from(cli.cpus);
+    cfg
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let machine = match Machine::boot(machine_config(&cli)) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("kmem: the machine did not boot: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    machine.platform().set_log_echo(cli.dmesg);
+    let out = std::io::stdout();
+    let color = out.is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let mut out = out.lock();
+    let result = match cli.command.unwrap_or(Command::Demo) {
+        Command::Demo => demo::run(&machine, &mut out, color),
+        Command::Proc { file } => demo::workload(&machine, &mut demo::Quiet).and_then(|()| {
+            let name = match file {
+                ProcFile::Buddyinfo => "buddyinfo",
+                ProcFile::Zoneinfo => "zoneinfo",
+                ProcFile::Meminfo => "meminfo",
+            };
+            let text = machine.proc(name).expect("known report");
+            out.write_all(text.as_bytes()).map_err(|e| e.to_string())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kmem: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("8388608"), Ok(8 << 20));
+        assert!(parse_size("1K").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

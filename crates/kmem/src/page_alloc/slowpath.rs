@@ -14,6 +14,10 @@
 //!    the allocation use the OOM victim's reserve once, then fails it. `__GFP_NOFAIL` never
 //!    fails: it waits for frees for as long as it takes.
 //!
+//! A sleeping allocation made from atomic context is reported ("sleeping function called
+//! from invalid context") and does not enter reclaim: it fails as a non-sleeping one would,
+//! rather than sleep while holding a CPU.
+//!
 //! A failure prints Linux's "page allocation failure" report with the zones' free areas,
 //! unless `__GFP_NOWARN`.
 //!
@@ -156,7 +160,10 @@ impl<P: Platform> PageAlloc<P> {
             return self.nopage(gfp, order);
         }
         if self.platform.in_atomic() {
+            // A kernel would sleep here and might deadlock; kmem reports the bug and treats
+            // the request as one that may not sleep, so the caller gets `None` instead.
             self.report_atomic_sleep();
+            return self.nopage(gfp, order);
         }
         let nofail = gfp.contains(__GFP_NOFAIL);
         let mut no_progress = 0u32;
