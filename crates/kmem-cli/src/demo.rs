@@ -117,37 +117,45 @@ pub fn workload(m: &Machine, n: &mut impl Narrator) -> Result<(), String> {
         ));
         Ok(())
     };
-    take(GFP_KERNEL, 0, 4096, "GFP_KERNEL (may sleep)")?;
-    take(
-        GFP_ATOMIC,
-        0,
-        256,
-        "GFP_ATOMIC (never sleeps, may use reserves)",
-    )?;
-    take(
-        GFP_KERNEL | __GFP_DMA32,
-        3,
-        64,
-        "GFP_KERNEL|__GFP_DMA32 (below 4 GiB)",
-    )?;
-    take(
-        GFP_KERNEL | GFP_DMA,
-        0,
-        16,
-        "GFP_KERNEL|GFP_DMA (below 16 MiB)",
-    )?;
-    take(
-        GFP_HIGHUSER,
-        0,
-        64,
-        "GFP_HIGHUSER (HighMem if the machine has it)",
-    )?;
-    take(
-        GFP_KERNEL | __GFP_COMP,
-        9,
-        8,
-        "GFP_KERNEL|__GFP_COMP (2 MiB compound)",
-    )?;
+    // Sized for machines of 64 MiB and more; smaller ones get proportionally less.
+    let scale = |n: usize| (n * m.totalram_pages() / 16384).clamp(1, n);
+    let kernel_pages = scale(4096);
+    let steps: [(Gfp, u32, usize, &str); 6] = [
+        (GFP_KERNEL, 0, kernel_pages, "GFP_KERNEL (may sleep)"),
+        (
+            GFP_ATOMIC,
+            0,
+            scale(256),
+            "GFP_ATOMIC (never sleeps, may use reserves)",
+        ),
+        (
+            GFP_KERNEL | __GFP_DMA32,
+            3,
+            scale(64),
+            "GFP_KERNEL|__GFP_DMA32 (below 4 GiB)",
+        ),
+        (
+            GFP_KERNEL | GFP_DMA,
+            0,
+            16,
+            "GFP_KERNEL|GFP_DMA (below 16 MiB)",
+        ),
+        (
+            GFP_HIGHUSER,
+            0,
+            scale(64),
+            "GFP_HIGHUSER (HighMem if the machine has it)",
+        ),
+        (
+            GFP_KERNEL | __GFP_COMP,
+            9,
+            scale(8),
+            "GFP_KERNEL|__GFP_COMP (2 MiB compound)",
+        ),
+    ];
+    for (gfp, order, count, what) in steps {
+        take(gfp, order, count, what)?;
+    }
 
     let zp = m
         .get_zeroed_page(GFP_KERNEL)
@@ -165,7 +173,7 @@ pub fn workload(m: &Machine, n: &mut impl Narrator) -> Result<(), String> {
     n.heading("Fragmenting: freeing every other GFP_KERNEL page");
     let mut kept = Vec::new();
     for (i, &(pfn, order)) in live.iter().enumerate() {
-        if order == 0 && i < 4096 && i % 2 == 0 {
+        if order == 0 && i < kernel_pages && i % 2 == 0 {
             let p = m.pfn_to_page(pfn).ok_or("lost a page")?;
             // SAFETY: `p` heads a live allocation of `order` made above, not used again.
             unsafe { m.__free_pages(p, order) };

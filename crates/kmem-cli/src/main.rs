@@ -156,6 +156,7 @@ mod tests {
         assert_eq!(parse_size("2g"), Ok(2 << 30));
         assert_eq!(parse_size("8388608"), Ok(8 << 20));
         assert!(parse_size("1K").is_err());
+        assert!(parse_size("8M").is_err());
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("lots").is_err());
         assert!(parse_size("99999999999T").is_err());
