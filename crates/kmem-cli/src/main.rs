@@ -154,7 +154,7 @@ mod tests {
     fn sizes() {
         assert_eq!(parse_size("512M"), Ok(512 << 20));
         assert_eq!(parse_size("2g"), Ok(2 << 30));
-        assert_eq!(parse_size("8388608"), Ok(8 << 20));
+        assert_eq!(parse_size("33554432"), Ok(32 << 20));
         assert!(parse_size("1K").is_err());
         assert!(parse_size("8M").is_err());
         assert!(parse_size("12Q").is_err());
