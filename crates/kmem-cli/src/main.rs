@@ -88,9 +88,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let bytes = n
         .checked_mul(mult)
         .ok_or_else(|| format!("'{s}' is too large"))?;
-    if bytes < (4 << 20) {
+    if bytes < (16 << 20) {
         return Err(format!(
-            "'{s}' is too small: a machine needs at least 4M of RAM"
+            "'{s}' is too small: the demo machine needs at least 16M of RAM"
         ));
     }
     Ok(bytes)
