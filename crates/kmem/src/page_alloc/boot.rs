@@ -386,7 +386,9 @@ fn setup_lowmem_reserve(zones: &mut [Zone; MAX_NR_ZONES], ratio: &[u32; MAX_NR_Z
         zones[i].lowmem_reserve = [0; MAX_NR_ZONES];
         for (j, &m) in managed.iter().enumerate().skip(i + 1) {
             upper += m;
-            if !clear && m != 0 {
+            // Linux counts empty upper zones too (eae116d1f044 reverted skipping them): a
+            // 2 GiB x86_64 machine still protects DMA from GFP_KERNEL's Normal-first walk.
+            if !clear {
                 zones[i].lowmem_reserve[j] = upper / ratio[i] as usize;
             }
         }
@@ -423,6 +425,11 @@ mod tests {
         setup_lowmem_reserve(&mut zones, &[256, 256, 32, 0]);
         assert_eq!(zones[0].lowmem_reserve[..3], [0, 3019, 6219]);
         assert_eq!(zones[1].lowmem_reserve[..3], [0, 0, 3200]);
+        // An empty upper zone still counts (the sample's Movable column): 6219, not 0.
+        assert_eq!(zones[0].lowmem_reserve[3], 6219);
+        zones[2].managed_pages = 0;
+        setup_lowmem_reserve(&mut zones, &[256, 256, 32, 0]);
+        assert_eq!(zones[0].lowmem_reserve[..3], [0, 3019, 3019]);
         setup_pcp(&mut zones[1], 2);
         assert_eq!(zones[1].pcp_batch, 63);
         assert_eq!(zones[1].pcp_high_max, 48307);

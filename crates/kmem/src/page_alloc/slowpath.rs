@@ -12,7 +12,7 @@
 //!    `Config::reclaim_retries` rounds without progress `__GFP_RETRY_MAYFAIL` fails, and
 //!    other masks reach the OOM step. kmem has no task to kill: it prints the OOM report, lets
 //!    the allocation use the OOM victim's reserve once, then fails it. `__GFP_NOFAIL` never
-//!    fails: it waits for frees for as long as it takes.
+//!    fails: it may use half of the min reserve, and waits for frees for as long as it takes.
 //!
 //! A sleeping allocation made from atomic context is reported ("sleeping function called
 //! from invalid context") and does not enter reclaim: it fails as a non-sleeping one would,
@@ -171,7 +171,13 @@ impl<P: Platform> PageAlloc<P> {
             self.reclaim.waiters.fetch_add(1, Ordering::SeqCst);
             let seq = self.reclaim.free_seq.load(Ordering::Acquire);
             let progress = self.direct_reclaim();
-            let got = self.get_page_from_freelist(gfp, order, highest, flags);
+            let mut got = self.get_page_from_freelist(gfp, order, highest, flags);
+            if got.is_none() && nofail {
+                // `__alloc_pages_cpuset_fallback`: help a non-failing allocation with some
+                // access to the reserves (half of min).
+                let f = AllocFlags(flags.0 | AllocFlags::MIN_RESERVE);
+                got = self.get_page_from_freelist(gfp, order, highest, f);
+            }
             if got.is_none() && progress == 0 {
                 no_progress += 1;
             } else {
