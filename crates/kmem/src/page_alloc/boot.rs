@@ -240,6 +240,16 @@ impl<P: Platform> PageAlloc<P> {
             }
         }
 
+        let zonelists = core::array::from_fn(|highest| {
+            let mut zl = super::Zonelist::default();
+            for zi in (0..=highest).rev() {
+                if zones[zi].managed_pages != 0 {
+                    zl.zones[zl.len as usize] = zi as u8;
+                    zl.len += 1;
+                }
+            }
+            zl
+        });
         let present: usize = zones.iter().map(|z| z.present_pages).sum();
         let managed: usize = zones.iter().map(|z| z.managed_pages).sum();
         let info = BootInfo {
@@ -261,6 +271,7 @@ impl<P: Platform> PageAlloc<P> {
             mm,
             zones,
             zone_table,
+            zonelists,
             // SAFETY: `pcp_ptr` is the direct-map address of memory memblock reserved above.
             pcp: unsafe { NonNull::new_unchecked(pcp_ptr) },
             nr_cpus,

@@ -91,10 +91,17 @@ impl MemMap {
         i as u32
     }
 
+    /// The index of `page` if it is a descriptor of this array.
+    #[inline]
+    pub(crate) fn checked_index(&self, page: &Page) -> Option<u32> {
+        let off = (page as *const Page as usize).wrapping_sub(self.pages.as_ptr() as usize);
+        let i = off / core::mem::size_of::<Page>();
+        (off % core::mem::size_of::<Page>() == 0 && i < self.len).then_some(i as u32)
+    }
+
     /// True when `page` is a descriptor of this array.
     pub fn contains(&self, page: &Page) -> bool {
-        let off = (page as *const Page as usize).wrapping_sub(self.pages.as_ptr() as usize);
-        off % core::mem::size_of::<Page>() == 0 && off / core::mem::size_of::<Page>() < self.len
+        self.checked_index(page).is_some()
     }
 
     /// The frame of `page` (`page_to_pfn`).

@@ -77,6 +77,15 @@ impl AllocFlags {
 /// Index value meaning "invalid zone modifiers" in the zone table.
 const BAD_ZONE: u8 = u8::MAX;
 
+/// The zones an allocation may use, best first (`struct zonelist`): the populated zones at or
+/// below its highest zone, highest first. Precomputed at boot for each highest zone, so the
+/// fast path never looks at an empty zone.
+#[derive(Clone, Copy, Default)]
+struct Zonelist {
+    zones: [u8; MAX_NR_ZONES], // zone indices, highest first
+    len: u8,                   // entries in use
+}
+
 /// The page allocator of one machine.
 pub struct PageAlloc<P: Platform> {
     platform: P,
@@ -86,6 +95,8 @@ pub struct PageAlloc<P: Platform> {
     /// Highest zone to search for each value of the four zone-modifier bits, after Linux's
     /// `OPT_ZONE_*` substitution for zones this layout lacks; `BAD_ZONE` for invalid masks.
     zone_table: [u8; 16],
+    /// The zonelist for each highest zone.
+    zonelists: [Zonelist; MAX_NR_ZONES],
     pcp: NonNull<PerCpuPages>, // nr_cpus * MAX_NR_ZONES, row per CPU
     nr_cpus: usize,
     direct_map_base: usize,
@@ -143,6 +154,16 @@ impl<P: Platform> PageAlloc<P> {
         assert!(cpu < self.nr_cpus && zone < MAX_NR_ZONES);
         // SAFETY: the array has `nr_cpus * MAX_NR_ZONES` initialised entries (boot) living as
         // long as `self`; the index is in bounds by the assert above.
+        unsafe { &*self.pcp.as_ptr().add(cpu * MAX_NR_ZONES + zone) }
+    }
+
+    /// The current CPU's lists for zone `zone`: the guard proves which CPU that is.
+    #[inline(always)]
+    fn this_pcp(&self, guard: &P::Guard<'_>, zone: usize) -> &PerCpuPages {
+        let cpu = guard.cpu();
+        debug_assert!(cpu < self.nr_cpus && zone < MAX_NR_ZONES);
+        // SAFETY: a guard's CPU is below `nr_cpu_ids()` (platform contract) and `zone` is a
+        // zone index, so the entry is inside the `nr_cpus * MAX_NR_ZONES` array built at boot.
         unsafe { &*self.pcp.as_ptr().add(cpu * MAX_NR_ZONES + zone) }
     }
 
@@ -285,12 +306,15 @@ impl<P: Platform> PageAlloc<P> {
         for i in used..(1 << order) {
             let p = self.mm.at(idx + i);
             p.set_order(0);
-            self.free_block(idx + i, 0);
+            self.free_block(idx + i, 0, p.zone_index());
         }
         self.page_address(page)
     }
 
-    #[inline]
+    /// Walks the zonelist of `highest` and takes a block from the first zone whose
+    /// watermark allows it (`get_page_from_freelist`). Inlined so that the fast path's
+    /// constant `flags` fold the reserve arithmetic away.
+    #[inline(always)]
     fn get_page_from_freelist(
         &self,
         gfp: Gfp,
@@ -298,48 +322,37 @@ impl<P: Platform> PageAlloc<P> {
         highest: usize,
         flags: AllocFlags,
     ) -> Option<u32> {
-        let mut zi = highest;
-        loop {
+        let zl = &self.zonelists[highest];
+        for &zi in &zl.zones[..zl.len as usize] {
+            let zi = zi as usize;
             let zone = &self.zones[zi];
-            if zone.managed_pages != 0
-                && (flags.has(AllocFlags::NO_WATERMARKS)
-                    || zone_watermark_ok(
-                        zone,
-                        order,
-                        zone.watermark[flags.wmark()],
-                        highest,
-                        flags,
-                    ))
+            if !flags.has(AllocFlags::NO_WATERMARKS)
+                && !zone_watermark_ok(zone, order, zone.watermark[flags.wmark()], highest, flags)
             {
-                let got = if order <= PCP_MAX_ORDER {
-                    self.rmqueue_pcplist(zone, zi, order, gfp)
-                } else {
-                    self.rmqueue_buddy(zone, order, gfp)
-                };
-                if got.is_some() {
-                    return got;
-                }
+                continue;
             }
-            if zi == 0 {
-                return None;
+            let got = if order <= PCP_MAX_ORDER {
+                self.rmqueue_pcplist(zone, zi, order, gfp)
+            } else {
+                self.rmqueue_buddy(zone, order, gfp)
+            };
+            if got.is_some() {
+                return got;
             }
-            zi -= 1;
         }
+        None
     }
 
-    #[inline]
+    #[inline(always)]
     fn rmqueue_pcplist(&self, zone: &Zone, zi: usize, order: u32, gfp: Gfp) -> Option<u32> {
         let guard = self.platform.cpu_guard();
         if guard.nested() && gfpflags_allow_blocking(gfp) {
             self.report_atomic_sleep();
         }
-        let pcp = self.pcp(guard.cpu(), zi);
+        let pcp = self.this_pcp(&guard, zi);
         match pcp.pop(&self.mm, order) {
             Some(idx) => Some(idx),
-            None => {
-                pcp.refill(zone, &self.mm, order);
-                pcp.pop(&self.mm, order)
-            }
+            None => pcp.refill_and_pop(zone, &self.mm, order),
         }
     }
 
@@ -403,11 +416,11 @@ impl<P: Platform> PageAlloc<P> {
     /// If the page is a live allocation, nothing may use its memory after this call.
     #[inline]
     pub unsafe fn __free_pages(&self, page: &Page, order: u32) {
-        if !self.mm.contains(page) {
+        let Some(idx) = self.mm.checked_index(page) else {
             return self.bad_address(page as *const Page as usize, "not a page descriptor");
-        }
-        let idx = self.mm.index_of(page);
-        let state = page.state();
+        };
+        let flags = page.flags();
+        let state = flags & pg::STATE_MASK;
         if state & !pg::HEAD != pg::ALLOCATED || page.order() != order {
             return self.free_pages_check_failed(page, order);
         }
@@ -417,7 +430,7 @@ impl<P: Platform> PageAlloc<P> {
         if self.config.init_on_free {
             self.clear_pages(page, order);
         }
-        self.free_block(idx, order);
+        self.free_block(idx, order, (flags >> pg::ZONE_SHIFT) as usize);
     }
 
     /// Frees pages allocated by [`PageAlloc::__get_free_pages`] (`free_pages`); address 0 is
@@ -468,20 +481,18 @@ impl<P: Platform> PageAlloc<P> {
 
     /// Puts an owned block back: on this CPU's list for low orders (draining a batch above
     /// the high mark), else straight into the buddy lists. Wakes allocators waiting for memory.
-    #[inline]
-    fn free_block(&self, idx: u32, order: u32) {
-        let page = self.mm.at(idx);
-        let zi = page.zone_index();
+    #[inline(always)]
+    fn free_block(&self, idx: u32, order: u32, zi: usize) {
         let zone = &self.zones[zi];
         if order <= PCP_MAX_ORDER {
             let guard = self.platform.cpu_guard();
-            let pcp = self.pcp(guard.cpu(), zi);
+            let pcp = self.this_pcp(&guard, zi);
             pcp.push(&self.mm, idx, order);
             if pcp.count() >= zone.pcp_high {
                 pcp.drain(zone, &self.mm, zone.pcp_batch);
             }
         } else {
-            page.set_state(0);
+            self.mm.at(idx).set_state(0);
             let mut fl = zone.lock.lock();
             zone.free_one_page(&mut fl, &self.mm, idx, order);
         }
@@ -509,7 +520,7 @@ impl<P: Platform> PageAlloc<P> {
         let guard = self.platform.cpu_guard();
         let mut moved = 0;
         for (zi, zone) in self.zones.iter().enumerate() {
-            moved += self.pcp(guard.cpu(), zi).drain(zone, &self.mm, u32::MAX) as usize;
+            moved += self.this_pcp(&guard, zi).drain(zone, &self.mm, u32::MAX) as usize;
         }
         moved
     }

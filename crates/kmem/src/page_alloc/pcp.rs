@@ -74,25 +74,26 @@ impl PerCpuPages {
     }
 
     /// Moves up to `batch` pages' worth of blocks of `order` from the buddy lists onto this
-    /// CPU's stack (`rmqueue_bulk`). Returns the number of blocks moved. Takes the zone lock.
+    /// CPU's stack (`rmqueue_bulk`), then pops one. Takes the zone lock. Caller holds the guard.
     #[cold]
-    pub(crate) fn refill(&self, zone: &Zone, mm: &MemMap, order: u32) -> usize {
+    #[inline(never)]
+    pub(crate) fn refill_and_pop(&self, zone: &Zone, mm: &MemMap, order: u32) -> Option<u32> {
         let blocks = (zone.pcp_batch >> order).max(2) as usize;
         let mut fl = zone.lock.lock();
-        let mut moved = 0;
-        while moved < blocks {
+        for _ in 0..blocks {
             let Some(idx) = zone.rmqueue_smallest(&mut fl, mm, order) else {
                 break;
             };
             self.push(mm, idx, order);
-            moved += 1;
         }
-        moved
+        drop(fl);
+        self.pop(mm, order)
     }
 
     /// Gives at least `pages` pages (or all) back to the buddy lists, taking blocks from each
     /// order in turn (`free_pcppages_bulk`). Returns pages freed. Takes the zone lock.
     #[cold]
+    #[inline(never)]
     pub(crate) fn drain(&self, zone: &Zone, mm: &MemMap, pages: u32) -> u32 {
         if self.count() == 0 {
             return 0;
