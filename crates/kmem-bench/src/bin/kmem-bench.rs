@@ -1,0 +1,124 @@
+//! Runs kmem's page-allocator benchmarks against the peers and prints the table.
+//!
+//! ```text
+//! cargo run --release -p kmem-bench                         # full run (about a minute)
+//! cargo run --release -p kmem-bench -- --quick              # CI smoke run (seconds)
+//! cargo run --release -p kmem-bench -- --csv bench.csv      # also write the CSV
+//! cargo run --release -p kmem-bench -- --case order0-pair --alloc kmem --alloc jemalloc
+//! ```
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use kmem_bench::{Allocator, Case, Options, Progress};
+
+/// kmem's page allocator against buddy_system_allocator, jemalloc, mimalloc and the system
+/// allocator, in the same run.
+#[derive(Parser, Debug)]
+#[command(name = "kmem-bench")]
+struct Args {
+    /// A short run (3 rounds, about a tenth of the work): a CI smoke test.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the results as CSV to PATH.
+    #[arg(long, value_name = "PATH")]
+    csv: Option<PathBuf>,
+    /// Rounds (default 7, 3 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Run only these cases (order0-pair, churn); repeatable.
+    #[arg(long = "case", value_parser = parse_case)]
+    cases: Vec<Case>,
+    /// Run only these allocators (kmem, buddy, buddy-pow2, jemalloc, mimalloc, system);
+    /// repeatable.
+    #[arg(long = "alloc", value_parser = parse_alloc)]
+    allocators: Vec<Allocator>,
+    /// Seed buddy_system_allocator with frames 0..N instead of as many as kmem manages.
+    #[arg(long, value_name = "N")]
+    buddy_frames: Option<usize>,
+    /// No progress on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Exit with status 2 when a target is not met.
+    #[arg(long)]
+    check_targets: bool,
+}
+
+fn parse_case(s: &str) -> Result<Case, String> {
+    Case::from_name(s).ok_or_else(|| format!("unknown case {s:?} (order0-pair, churn)"))
+}
+
+fn parse_alloc(s: &str) -> Result<Allocator, String> {
+    Allocator::from_name(s).ok_or_else(|| {
+        format!("unknown allocator {s:?} (kmem, buddy, buddy-pow2, jemalloc, mimalloc, system)")
+    })
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut opts = if args.quick {
+        Options::quick()
+    } else {
+        Options::default()
+    };
+    if let Some(r) = args.rounds {
+        opts.rounds = r;
+    }
+    if args.buddy_frames.is_some() {
+        opts.buddy_frames = args.buddy_frames;
+    }
+    if !args.cases.is_empty() {
+        opts.cases = args.cases.clone();
+    }
+    if !args.allocators.is_empty() {
+        opts.allocators = args.allocators.clone();
+    }
+    if cfg!(debug_assertions) {
+        eprintln!("kmem-bench: warning: debug build; use --release for meaningful numbers");
+    }
+    let quiet = args.quiet;
+    let report = kmem_bench::run_with_progress(&opts, |p| {
+        if quiet {
+            return;
+        }
+        match *p {
+            Progress::CaseStarted { case } => eprintln!("{case}:"),
+            Progress::WarmedUp {
+                allocator,
+                ops_per_round,
+                ..
+            } => eprintln!("  warmed up {allocator}: {ops_per_round} ops per round"),
+            Progress::Sample {
+                allocator,
+                round,
+                rounds,
+                ns_per_op,
+                ..
+            } => eprintln!(
+                "  round {}/{rounds} {allocator:<24} {ns_per_op:>10.2} ns/op",
+                round + 1
+            ),
+        }
+    });
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kmem-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{report}");
+    let _ = std::io::stdout().flush();
+    if let Some(path) = &args.csv {
+        if let Err(e) = std::fs::write(path, report.to_csv()) {
+            eprintln!("kmem-bench: writing {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    if args.check_targets && !report.targets_met() {
+        return ExitCode::from(2);
+    }
+    ExitCode::SUCCESS
+}

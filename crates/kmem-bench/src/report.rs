@@ -1,0 +1,272 @@
+//! The results of a run: per-case measurements, ratios against kmem, and the targets.
+
+use std::fmt::{self, Write as _};
+
+use crate::{Allocator, Case, Options};
+
+/// Where the run happened.
+#[derive(Clone, Debug)]
+pub struct Environment {
+    /// RAM of kmem's machine, in bytes.
+    pub machine_ram: u64,
+    /// vCPUs of kmem's machine.
+    pub machine_cpus: usize,
+    /// Frames kmem manages (`totalram_pages`).
+    pub kmem_frames: usize,
+    /// Frames `buddy_system_allocator` was seeded with (by default as many as kmem manages).
+    pub buddy_frames: usize,
+    /// CPUs the host offers this process.
+    pub host_cpus: usize,
+    /// Whether this is an optimised build (debug-build numbers mean little).
+    pub optimized: bool,
+}
+
+impl Environment {
+    pub(crate) fn new(opts: &Options, kmem_frames: usize) -> Environment {
+        Environment {
+            machine_ram: opts.machine_ram,
+            machine_cpus: opts.machine_cpus,
+            kmem_frames,
+            buddy_frames: opts.buddy_frames.unwrap_or(kmem_frames),
+            host_cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            optimized: !cfg!(debug_assertions),
+        }
+    }
+}
+
+/// One allocator's result in one case.
+#[derive(Clone, Debug)]
+pub struct Measurement {
+    /// The allocator.
+    pub allocator: Allocator,
+    /// Median over the rounds of ns per operation.
+    pub median_ns: f64,
+    /// Fastest round.
+    pub min_ns: f64,
+    /// Slowest round.
+    pub max_ns: f64,
+    /// Operations per timed sample.
+    pub ops_per_round: u64,
+    /// ns per operation of each round, in order.
+    pub samples_ns: Vec<f64>,
+}
+
+/// One case's results, in the order the allocators ran.
+#[derive(Clone, Debug)]
+pub struct CaseReport {
+    /// The case.
+    pub case: Case,
+    /// One measurement per allocator.
+    pub results: Vec<Measurement>,
+}
+
+impl CaseReport {
+    /// The measurement of `a`, if it ran.
+    pub fn get(&self, a: Allocator) -> Option<&Measurement> {
+        self.results.iter().find(|m| m.allocator == a)
+    }
+
+    /// `a`'s median over kmem's (above 1: kmem is faster), if both ran.
+    pub fn ratio(&self, a: Allocator) -> Option<f64> {
+        let k = self.get(Allocator::Kmem)?.median_ns;
+        Some(self.get(a)?.median_ns / k)
+    }
+}
+
+/// A performance target: in `case`, `peer`'s median must be at least `min_ratio` times kmem's.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// What the target says, for people.
+    pub description: &'static str,
+    /// The case.
+    pub case: Case,
+    /// The peer compared with.
+    pub peer: Allocator,
+    /// The least acceptable `peer / kmem` ratio.
+    pub min_ratio: f64,
+    /// The measured ratio, if both ran.
+    pub ratio: Option<f64>,
+}
+
+impl Target {
+    /// The project's targets, unmeasured.
+    pub fn all() -> [Target; 2] {
+        [
+            Target {
+                description: "order-0 pair at least 20x faster than buddy_system_allocator",
+                case: Case::Order0Pair,
+                peer: Allocator::Buddy,
+                min_ratio: 20.0,
+                ratio: None,
+            },
+            Target {
+                description: "order-0 pair no slower than jemalloc's 4 KiB pair",
+                case: Case::Order0Pair,
+                peer: Allocator::Jemalloc,
+                min_ratio: 1.0,
+                ratio: None,
+            },
+        ]
+    }
+
+    /// Whether the target is met; `None` when it was not measured.
+    pub fn met(&self) -> Option<bool> {
+        self.ratio.map(|r| r >= self.min_ratio)
+    }
+}
+
+/// A run's results.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The options it ran with.
+    pub options: Options,
+    /// Where it ran.
+    pub environment: Environment,
+    /// One report per case, in the order run.
+    pub cases: Vec<CaseReport>,
+    /// The targets, with their measured ratios.
+    pub targets: Vec<Target>,
+}
+
+impl Report {
+    pub(crate) fn new(
+        options: Options,
+        environment: Environment,
+        cases: Vec<CaseReport>,
+    ) -> Report {
+        let targets = Target::all()
+            .into_iter()
+            .map(|mut t| {
+                t.ratio = cases
+                    .iter()
+                    .find(|c| c.case == t.case)
+                    .and_then(|c| c.ratio(t.peer));
+                t
+            })
+            .collect();
+        Report {
+            options,
+            environment,
+            cases,
+            targets,
+        }
+    }
+
+    /// The case report of `case`, if it ran.
+    pub fn case(&self, case: Case) -> Option<&CaseReport> {
+        self.cases.iter().find(|c| c.case == case)
+    }
+
+    /// True when every measured target is met.
+    pub fn targets_met(&self) -> bool {
+        self.targets.iter().all(|t| t.met() != Some(false))
+    }
+
+    /// The measurements as CSV, one row per case and allocator, with a header:
+    /// `case,allocator,median_ns,min_ns,max_ns,ops_per_round,rounds,ratio_vs_kmem`.
+    pub fn to_csv(&self) -> String {
+        let mut s = String::from(
+            "case,allocator,median_ns,min_ns,max_ns,ops_per_round,rounds,ratio_vs_kmem\n",
+        );
+        for c in &self.cases {
+            for m in &c.results {
+                let ratio = c
+                    .ratio(m.allocator)
+                    .map_or(String::new(), |r| format!("{r:.4}"));
+                let _ = writeln!(
+                    s,
+                    "{},{},{:.3},{:.3},{:.3},{},{},{}",
+                    c.case,
+                    m.allocator,
+                    m.median_ns,
+                    m.min_ns,
+                    m.max_ns,
+                    m.ops_per_round,
+                    m.samples_ns.len(),
+                    ratio
+                );
+            }
+        }
+        s
+    }
+}
+
+fn case_title(case: Case, opts: &Options) -> String {
+    match case {
+        Case::Order0Pair => "order-0 alloc+free pair (malloc peers: 4 KiB, 4 KiB-aligned)".into(),
+        Case::Churn => format!(
+            "random churn, {} live blocks, orders 0..=3 (11/16 order 0), one free + one alloc per op",
+            opts.working_set
+        ),
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let e = &self.environment;
+        writeln!(
+            f,
+            "kmem-bench: median of {} rounds; ratio = peer / kmem (above 1: kmem is faster)",
+            self.options.rounds
+        )?;
+        writeln!(
+            f,
+            "kmem machine: {} MiB, {} vCPUs, {} managed frames; host: {} CPUs{}",
+            e.machine_ram >> 20,
+            e.machine_cpus,
+            e.kmem_frames,
+            e.host_cpus,
+            if e.optimized {
+                ""
+            } else {
+                "; DEBUG BUILD: numbers are not meaningful"
+            }
+        )?;
+        let pow2 = crate::pow2_floor(e.buddy_frames);
+        writeln!(
+            f,
+            "buddy_system_allocator: FrameAllocator seeded with frames 0..{}; buddy-pow2: the same \
+             with 0..{pow2} (one block: each order-0 pair splits and merges {} levels)",
+            e.buddy_frames,
+            pow2.max(1).ilog2()
+        )?;
+        for c in &self.cases {
+            writeln!(f)?;
+            writeln!(f, "{}: {}", c.case, case_title(c.case, &self.options))?;
+            writeln!(
+                f,
+                "  {:<24} {:>12} {:>10} {:>10} {:>13} {:>10}",
+                "allocator", "ns/op (med)", "min", "max", "ops/round", "vs kmem"
+            )?;
+            for m in &c.results {
+                let ratio = c
+                    .ratio(m.allocator)
+                    .map_or("-".into(), |r| format!("{r:.2}x"));
+                writeln!(
+                    f,
+                    "  {:<24} {:>12.2} {:>10.2} {:>10.2} {:>13} {:>10}",
+                    m.allocator.name(),
+                    m.median_ns,
+                    m.min_ns,
+                    m.max_ns,
+                    m.ops_per_round,
+                    ratio
+                )?;
+            }
+        }
+        writeln!(f)?;
+        for t in &self.targets {
+            let (ratio, verdict) = match (t.ratio, t.met()) {
+                (Some(r), Some(true)) => (format!("{r:.2}x"), "met"),
+                (Some(r), _) => (format!("{r:.2}x"), "NOT MET"),
+                (None, _) => ("-".into(), "not measured"),
+            };
+            writeln!(
+                f,
+                "target: kmem {} (need >= {:.0}x, measured {}): {}",
+                t.description, t.min_ratio, ratio, verdict
+            )?;
+        }
+        Ok(())
+    }
+}
