@@ -165,8 +165,12 @@ impl Machine {
                 .map_err(|e| MachineError::Memblock(format!("reserve {b:#x}+{s:#x}: {e}")))?;
         }
         let kmem = Kmem::boot(&mut memblock, config.kmem, platform).map_err(MachineError::Boot)?;
+        let kmem = Box::new(kmem);
+        // SAFETY: the subsystem is boxed and owned by the machine: it stays at this address
+        // until the machine is dropped.
+        unsafe { kmem.late_init() };
         Ok(Machine {
-            kmem: Box::new(kmem),
+            kmem,
             memblock,
             config,
         })
@@ -218,12 +222,20 @@ impl Machine {
         s
     }
 
-    /// The report named as under `/proc` ("buddyinfo", "zoneinfo", "meminfo").
+    /// `/proc/slabinfo`.
+    pub fn proc_slabinfo(&self) -> String {
+        let mut s = String::new();
+        report::slabinfo(self.kmem.pages(), self.kmem.slab(), &mut s).expect("String never fails");
+        s
+    }
+
+    /// The report named as under `/proc` ("buddyinfo", "zoneinfo", "meminfo", "slabinfo").
     pub fn proc(&self, name: &str) -> Option<String> {
         match name {
             "buddyinfo" => Some(self.proc_buddyinfo()),
             "zoneinfo" => Some(self.proc_zoneinfo()),
             "meminfo" => Some(self.proc_meminfo()),
+            "slabinfo" => Some(self.proc_slabinfo()),
             _ => None,
         }
     }

@@ -103,6 +103,8 @@ pub struct Config {
     pub init_on_free: bool,
     /// Zero every page as it is allocated (`init_on_alloc=1`).
     pub init_on_alloc: bool,
+    /// Merge compatible slab caches (Linux's default; `slab_nomerge` turns it off).
+    pub slab_merge: bool,
 }
 
 impl Default for Config {
@@ -116,6 +118,7 @@ impl Default for Config {
             reclaim_wait_ns: 2_000_000,
             init_on_free: false,
             init_on_alloc: false,
+            slab_merge: true,
         }
     }
 }

@@ -1,36 +1,246 @@
 //! [`Kmem`]: the whole subsystem of one machine, booted in the kernel's order.
 //!
-//! Today it holds the page allocator; the slab caches, kmalloc, vmalloc and per-CPU areas
-//! join it as their floors are built. It dereferences to the page allocator, so the
-//! kernel-named API reads as in a kernel: `kmem.alloc_pages(GFP_KERNEL, 0)`.
+//! It holds the page allocator, the slab layer and the kmalloc caches, and offers the
+//! kernel-named API over them (`kmalloc`, `kmem_cache_alloc`, ...). It dereferences to the
+//! page allocator, so page-level calls read as in a kernel too: `kmem.alloc_pages(GFP_KERNEL, 0)`.
 
 use core::ops::Deref;
+use core::ptr::NonNull;
 
 use crate::config::Config;
+use crate::gfp::Gfp;
+use crate::kmalloc::Kmalloc;
 use crate::memblock::Memblock;
 use crate::page_alloc::{BootError, PageAlloc};
 use crate::platform::Platform;
+use crate::slab::shrink::SlabShrinker;
+use crate::slab::{Ctor, KmemCache, KmemCacheArgs, SlabAllocator, SlabFlags};
 
 /// The memory-allocation subsystem of one machine.
 pub struct Kmem<P: Platform> {
     pages: PageAlloc<P>,
+    slab: SlabAllocator,
+    kmalloc: Kmalloc,
+    shrinker: SlabShrinker<P>,
 }
 
 impl<P: Platform> Kmem<P> {
-    /// Boots the subsystem over `memblock`'s memory map: `mem_map` and the zones, then the
-    /// hand-over of every unreserved page to the buddy allocator.
+    /// Boots the subsystem over `memblock`'s memory map: `mem_map` and the zones, the
+    /// hand-over of every unreserved page to the buddy allocator, then the kmalloc caches.
     ///
     /// Context: boot, single-threaded. `memblock` must describe RAM reachable through
-    /// `platform`'s direct map below the layout's low-memory end.
+    /// `platform`'s direct map below the layout's low-memory end. Call [`Kmem::late_init`]
+    /// once the value sits where it will stay.
     pub fn boot(memblock: &mut Memblock, config: Config, platform: P) -> Result<Self, BootError> {
+        let pages = PageAlloc::boot(memblock, config, platform)?;
+        let slab = SlabAllocator::new();
+        slab.set_merge(config.slab_merge);
+        let kmalloc = Kmalloc::new();
+        if !kmalloc.create_caches(&slab, &pages) {
+            return Err(BootError::NoBootMemory);
+        }
         Ok(Kmem {
-            pages: PageAlloc::boot(memblock, config, platform)?,
+            pages,
+            slab,
+            kmalloc,
+            shrinker: SlabShrinker::new(),
         })
+    }
+
+    /// Late initcalls: registers the slab shrinker with the page allocator, so memory pressure
+    /// returns free slabs. Idempotent in effect only once; call it once.
+    ///
+    /// # Safety
+    ///
+    /// `self` must not move or be dropped while the page allocator may reclaim, i.e. for the
+    /// rest of its life (box it, or keep it in a `static`).
+    pub unsafe fn late_init(&self) {
+        // SAFETY: the caller pins `self`, which owns all three parts.
+        unsafe {
+            self.shrinker.bind(&self.pages, &self.slab);
+            self.pages.register_shrinker(&self.shrinker);
+        }
     }
 
     /// The page allocator.
     pub fn pages(&self) -> &PageAlloc<P> {
         &self.pages
+    }
+
+    /// The slab layer.
+    pub fn slab(&self) -> &SlabAllocator {
+        &self.slab
+    }
+
+    /// The kmalloc caches.
+    pub fn kmalloc_caches(&self) -> &Kmalloc {
+        &self.kmalloc
+    }
+
+    // ------------------------------------------------------------------ slab caches
+
+    /// `kmem_cache_create`; see [`SlabAllocator::kmem_cache_create`].
+    pub fn kmem_cache_create(
+        &self,
+        name: &str,
+        size: usize,
+        align: usize,
+        flags: SlabFlags,
+        ctor: Option<Ctor>,
+    ) -> Option<&KmemCache> {
+        self.slab
+            .kmem_cache_create(&self.pages, name, size, align, flags, ctor)
+    }
+
+    /// `kmem_cache_create` with `kmem_cache_args`.
+    pub fn kmem_cache_create_args(
+        &self,
+        name: &str,
+        size: usize,
+        args: &KmemCacheArgs,
+        flags: SlabFlags,
+    ) -> Option<&KmemCache> {
+        self.slab
+            .kmem_cache_create_args(&self.pages, name, size, args, flags)
+    }
+
+    /// `kmem_cache_alloc`; see [`SlabAllocator::kmem_cache_alloc`].
+    #[inline(always)]
+    pub fn kmem_cache_alloc(&self, s: &KmemCache, gfp: Gfp) -> Option<NonNull<u8>> {
+        self.slab.kmem_cache_alloc(&self.pages, s, gfp)
+    }
+
+    /// `kmem_cache_zalloc`.
+    pub fn kmem_cache_zalloc(&self, s: &KmemCache, gfp: Gfp) -> Option<NonNull<u8>> {
+        self.slab.kmem_cache_zalloc(&self.pages, s, gfp)
+    }
+
+    /// `kmem_cache_free`; see [`SlabAllocator::kmem_cache_free`].
+    ///
+    /// # Safety
+    ///
+    /// If `obj` is a live object of `s`, nothing may use it after this call.
+    #[inline(always)]
+    pub unsafe fn kmem_cache_free(&self, s: &KmemCache, obj: *mut u8) {
+        // SAFETY: the caller's contract.
+        unsafe { self.slab.kmem_cache_free(&self.pages, s, obj) }
+    }
+
+    /// `kmem_cache_alloc_bulk`: all of `out`, or nothing (returns 0).
+    pub fn kmem_cache_alloc_bulk(&self, s: &KmemCache, gfp: Gfp, out: &mut [*mut u8]) -> usize {
+        self.slab.kmem_cache_alloc_bulk(&self.pages, s, gfp, out)
+    }
+
+    /// `kmem_cache_free_bulk`.
+    ///
+    /// # Safety
+    ///
+    /// As [`Kmem::kmem_cache_free`], for every pointer.
+    pub unsafe fn kmem_cache_free_bulk(&self, s: &KmemCache, objs: &[*mut u8]) {
+        for &o in objs {
+            // SAFETY: the caller's contract.
+            unsafe { self.slab.kmem_cache_free(&self.pages, s, o) };
+        }
+    }
+
+    /// `kmem_cache_shrink`: returns the pages given back.
+    pub fn kmem_cache_shrink(&self, s: &KmemCache) -> usize {
+        self.slab.kmem_cache_shrink(&self.pages, s)
+    }
+
+    /// `kmem_cache_destroy`; see [`SlabAllocator::kmem_cache_destroy`].
+    ///
+    /// # Safety
+    ///
+    /// When it returns `true`, `s` may be freed: do not use it again.
+    pub unsafe fn kmem_cache_destroy(&self, s: &KmemCache) -> bool {
+        // SAFETY: the caller's contract.
+        unsafe { self.slab.kmem_cache_destroy(&self.pages, s) }
+    }
+
+    /// `kmem_cache_size`: the object size the cache was created for.
+    pub fn kmem_cache_size(&self, s: &KmemCache) -> usize {
+        s.object_size()
+    }
+
+    // ------------------------------------------------------------------ kmalloc
+
+    /// `kmalloc`; see [`Kmalloc::kmalloc`].
+    #[inline(always)]
+    pub fn kmalloc(&self, size: usize, gfp: Gfp) -> Option<NonNull<u8>> {
+        self.kmalloc.kmalloc(&self.slab, &self.pages, size, gfp)
+    }
+
+    /// `kzalloc`: zeroed `kmalloc`.
+    #[inline(always)]
+    pub fn kzalloc(&self, size: usize, gfp: Gfp) -> Option<NonNull<u8>> {
+        self.kmalloc(size, gfp | crate::gfp::__GFP_ZERO)
+    }
+
+    /// `kmalloc_array`: `None` when `n * size` overflows.
+    pub fn kmalloc_array(&self, n: usize, size: usize, gfp: Gfp) -> Option<NonNull<u8>> {
+        self.kmalloc
+            .kmalloc_array(&self.slab, &self.pages, n, size, gfp)
+    }
+
+    /// `kcalloc`: zeroed `kmalloc_array`.
+    pub fn kcalloc(&self, n: usize, size: usize, gfp: Gfp) -> Option<NonNull<u8>> {
+        self.kmalloc.kcalloc(&self.slab, &self.pages, n, size, gfp)
+    }
+
+    /// `kfree`; see [`Kmalloc::kfree`].
+    ///
+    /// # Safety
+    ///
+    /// If `p` is a live kmalloc allocation, nothing may use it after this call.
+    #[inline(always)]
+    pub unsafe fn kfree(&self, p: *mut u8) {
+        // SAFETY: the caller's contract.
+        unsafe { self.kmalloc.kfree(&self.slab, &self.pages, p) }
+    }
+
+    /// `ksize`: the usable size of a kmalloc allocation.
+    pub fn ksize(&self, p: *const u8) -> usize {
+        self.kmalloc.ksize(&self.slab, &self.pages, p)
+    }
+
+    /// `krealloc`; see [`Kmalloc::krealloc`].
+    ///
+    /// # Safety
+    ///
+    /// `p` is null, `ZERO_SIZE_PTR` or a live kmalloc allocation.
+    pub unsafe fn krealloc(&self, p: *mut u8, new_size: usize, gfp: Gfp) -> Option<NonNull<u8>> {
+        // SAFETY: the caller's contract.
+        unsafe {
+            self.kmalloc
+                .krealloc(&self.slab, &self.pages, p, new_size, gfp)
+        }
+    }
+
+    /// `kfree_sensitive`: zero, then free.
+    ///
+    /// # Safety
+    ///
+    /// As [`Kmem::kfree`].
+    pub unsafe fn kfree_sensitive(&self, p: *mut u8) {
+        // SAFETY: the caller's contract.
+        unsafe { self.kmalloc.kfree_sensitive(&self.slab, &self.pages, p) }
+    }
+
+    /// `kmemdup`.
+    pub fn kmemdup(&self, src: &[u8], gfp: Gfp) -> Option<NonNull<u8>> {
+        self.kmalloc.kmemdup(&self.slab, &self.pages, src, gfp)
+    }
+
+    /// `kstrdup`: NUL-terminated copy.
+    pub fn kstrdup(&self, s: &str, gfp: Gfp) -> Option<NonNull<u8>> {
+        self.kmalloc.kstrdup(&self.slab, &self.pages, s, gfp)
+    }
+
+    /// Checks the page allocator's free lists and every cache's slabs (for tests).
+    pub fn validate(&self) -> Result<(), &'static str> {
+        self.pages.check_free_lists()?;
+        self.slab.validate(&self.pages)
     }
 }
 

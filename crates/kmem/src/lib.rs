@@ -23,11 +23,13 @@ pub mod addr;
 pub mod config;
 pub mod fmt_util;
 pub mod gfp;
+pub mod kmalloc;
 mod kmem;
 pub mod memblock;
 pub mod page_alloc;
 pub mod platform;
 pub mod report;
+pub mod slab;
 pub mod sync;
 
 pub use crate::kmem::Kmem;

@@ -158,6 +158,11 @@ pub trait Platform: Send + Sync {
         let _ = (va, npages);
     }
 
+    /// Waits for an RCU grace period (`synchronize_rcu`): every reader section that began
+    /// before the call has ended. Used before freeing `SLAB_TYPESAFE_BY_RCU` slabs. The default
+    /// suits a platform without RCU readers (nothing to wait for).
+    fn synchronize_rcu(&self) {}
+
     /// A random number (freelist randomization, hardening). Need not be cryptographic.
     fn random_u64(&self) -> u64;
 

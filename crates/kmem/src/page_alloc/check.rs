@@ -75,6 +75,11 @@ impl<P: Platform> PageAlloc<P> {
             self.bad_page(page, format_args!("freeing a tail page of a compound page"));
         } else if state & pg::SLAB != 0 {
             self.bad_page(page, format_args!("page belongs to the slab allocator"));
+        } else if state & pg::LARGE_KMALLOC != 0 {
+            self.bad_page(
+                page,
+                format_args!("page is a large kmalloc: free it with kfree"),
+            );
         } else if state & pg::ALLOCATED != 0 {
             self.bad_page(
                 page,

@@ -525,6 +525,50 @@ impl<P: Platform> PageAlloc<P> {
         moved
     }
 
+    // ---------------------------------------------------------------- for the slab layer
+
+    /// Direct-map address of the page at `mem_map` index `idx` (low memory only).
+    #[inline(always)]
+    pub(crate) fn idx_address(&self, idx: u32) -> usize {
+        self.direct_map_base + (((self.mm.base_pfn() + idx as u64) as usize) << PAGE_SHIFT)
+    }
+
+    /// The `mem_map` index of the page holding direct-map address `addr`, if it is RAM.
+    #[inline(always)]
+    pub(crate) fn addr_index(&self, addr: usize) -> Option<u32> {
+        let pfn = (addr.wrapping_sub(self.direct_map_base) >> PAGE_SHIFT) as u64;
+        if pfn >= self.lowmem_end_pfn {
+            return None;
+        }
+        self.mm.pfn_index(pfn)
+    }
+
+    /// Allocates a slab: `1 << order` low-memory pages (compound above order 0), marked
+    /// `SLAB` and owned by `owner`. Returns the head's `mem_map` index.
+    pub(crate) fn alloc_slab_pages(&self, gfp: Gfp, order: u32, owner: usize) -> Option<u32> {
+        let gfp = gfp.without(__GFP_HIGHMEM).without(__GFP_ZERO);
+        let gfp = if order > 0 { gfp | __GFP_COMP } else { gfp };
+        let page = self.alloc_pages(gfp, order)?;
+        page.set_private(owner);
+        page.set_state(page.state() | pg::SLAB);
+        Some(self.mm.index_of(page))
+    }
+
+    /// Counts a bad free reported by a layer above (it shows in `bad_page_reports`).
+    pub(crate) fn count_bad_free(&self) {
+        self.bad_pages.fetch_add(1, Relaxed);
+    }
+
+    /// Gives a slab's pages back (`__free_slab`).
+    pub(crate) fn free_slab_pages(&self, idx: u32, order: u32) {
+        let page = self.mm.at(idx);
+        page.set_state(page.state() & !pg::SLAB);
+        page.set_private(0);
+        page.head.store(0, Relaxed);
+        // SAFETY: the slab layer owns this allocation of `order` and no longer uses it.
+        unsafe { self.__free_pages(page, order) };
+    }
+
     /// Checks every zone's free lists and counters (see [`zone`]); returns the total of free
     /// pages found. For tests.
     pub fn check_free_lists(&self) -> Result<usize, &'static str> {

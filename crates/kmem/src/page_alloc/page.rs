@@ -41,6 +41,8 @@ pub mod pg {
     pub const TAIL: u32 = 1 << 5;
     /// Owned by the slab allocator (`PageSlab`).
     pub const SLAB: u32 = 1 << 6;
+    /// Head of a large kmalloc allocation (`PageLargeKmalloc`).
+    pub const LARGE_KMALLOC: u32 = 1 << 7;
     /// Mask of the state bits (everything below the zone field).
     pub const STATE_MASK: u32 = (1 << 24) - 1;
     /// Where the zone index is kept.
@@ -177,6 +179,7 @@ impl core::fmt::Display for FlagNames {
             (pg::HEAD, "head"),
             (pg::TAIL, "tail"),
             (pg::SLAB, "slab"),
+            (pg::LARGE_KMALLOC, "large_kmalloc"),
         ];
         let mut first = true;
         for &(bit, name) in NAMES {

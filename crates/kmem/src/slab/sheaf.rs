@@ -1,0 +1,105 @@
+//! Per-CPU sheaves: the slab fast path.
+//!
+//! A sheaf is an array of free object pointers owned by one CPU for one cache. Allocation pops
+//! the last pointer, free pushes one: no lock, no atomic read-modify-write, nothing written
+//! into the object. An empty sheaf is refilled with half its capacity from the cache's slabs,
+//! a full one flushes half back ([`super::node`]); both under the cache's node lock.
+//!
+//! This is the design Linux is moving SLUB to ("sheaves", 6.18): a free from another CPU lands
+//! in *that* CPU's sheaf, so cross-CPU frees never touch the owner's fast path, and no
+//! per-slab lockless freelist (with its `cmpxchg_double`) is needed.
+//!
+//! # Invariants (under the CPU's guard)
+//!
+//! `count <= cap <= SHEAF_MAX`; `objs[..count]` are distinct free objects of the cache,
+//! counted as in use by their slabs.
+
+use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering::Relaxed};
+
+/// Most objects a sheaf holds: a header word and 31 pointers make 256 bytes.
+pub const SHEAF_MAX: usize = 31;
+
+/// The default capacity for objects of `size` bytes: smaller sheaves for bigger objects, so a
+/// sheaf never hides much memory.
+pub fn default_capacity(size: usize) -> usize {
+    match size {
+        0..=256 => SHEAF_MAX,
+        257..=1024 => 16,
+        1025..=4096 => 8,
+        _ => 4,
+    }
+}
+
+/// One CPU's sheaf of one cache.
+#[repr(C, align(64))]
+pub struct Sheaf {
+    count: AtomicU32, // objects in `objs`
+    objs: [AtomicPtr<u8>; SHEAF_MAX],
+}
+
+const _: () = assert!(core::mem::size_of::<Sheaf>() == 256);
+
+impl Sheaf {
+    /// An empty sheaf.
+    pub(crate) const fn new() -> Sheaf {
+        Sheaf {
+            count: AtomicU32::new(0),
+            objs: [const { AtomicPtr::new(core::ptr::null_mut()) }; SHEAF_MAX],
+        }
+    }
+
+    /// Objects in the sheaf (racy read for reports).
+    #[inline(always)]
+    pub fn count(&self) -> usize {
+        self.count.load(Relaxed) as usize
+    }
+
+    /// Pops an object. Caller holds this CPU's guard.
+    #[inline(always)]
+    pub(crate) fn pop(&self) -> Option<*mut u8> {
+        let n = self.count.load(Relaxed);
+        if n == 0 {
+            return None;
+        }
+        let n = n - 1;
+        self.count.store(n, Relaxed);
+        // SAFETY: `n < count <= SHEAF_MAX`.
+        Some(unsafe { self.objs.get_unchecked(n as usize) }.load(Relaxed))
+    }
+
+    /// Pushes `obj` if the sheaf holds fewer than `cap` objects. Caller holds the guard.
+    #[inline(always)]
+    pub(crate) fn push(&self, obj: *mut u8, cap: u32) -> bool {
+        let n = self.count.load(Relaxed);
+        if n >= cap {
+            return false;
+        }
+        // SAFETY: `n < cap <= SHEAF_MAX`.
+        unsafe { self.objs.get_unchecked(n as usize) }.store(obj, Relaxed);
+        self.count.store(n + 1, Relaxed);
+        true
+    }
+
+    /// The object on top, if any (for the naive double-free check).
+    #[inline(always)]
+    pub(crate) fn top(&self) -> Option<*mut u8> {
+        let n = self.count.load(Relaxed);
+        // SAFETY: `n - 1 < count <= SHEAF_MAX` when `n > 0`.
+        (n > 0).then(|| unsafe { self.objs.get_unchecked(n as usize - 1) }.load(Relaxed))
+    }
+
+    /// Takes up to `out.len()` objects from the bottom (the coldest), keeping the order of the
+    /// rest. Returns how many. Caller holds the guard.
+    pub(crate) fn take_cold(&self, out: &mut [*mut u8]) -> usize {
+        let n = self.count.load(Relaxed) as usize;
+        let k = out.len().min(n);
+        for (i, slot) in out.iter_mut().enumerate().take(k) {
+            *slot = self.objs[i].load(Relaxed);
+        }
+        for i in k..n {
+            self.objs[i - k].store(self.objs[i].load(Relaxed), Relaxed);
+        }
+        self.count.store((n - k) as u32, Relaxed);
+        k
+    }
+}
