@@ -22,6 +22,7 @@ pub struct Kmem<P: Platform> {
     slab: SlabAllocator,
     kmalloc: Kmalloc,
     shrinker: SlabShrinker<P>,
+    boot_free_pages: usize,
 }
 
 impl<P: Platform> Kmem<P> {
@@ -39,7 +40,11 @@ impl<P: Platform> Kmem<P> {
         if !kmalloc.create_caches(&slab, &pages) {
             return Err(BootError::NoBootMemory);
         }
+        // Boot leaves no page on a per-CPU list: the free lists hold all free memory.
+        pages.drain_all_pages();
+        let boot_free_pages = pages.nr_free_pages();
         Ok(Kmem {
+            boot_free_pages,
             pages,
             slab,
             kmalloc,
@@ -60,6 +65,13 @@ impl<P: Platform> Kmem<P> {
             self.shrinker.bind(&self.pages, &self.slab);
             self.pages.register_shrinker(&self.shrinker);
         }
+    }
+
+    /// Free pages right after boot: managed pages minus what boot itself kept (the kmalloc
+    /// caches' descriptors). A machine whose allocations are all freed, caches shrunk and
+    /// per-CPU lists drained returns to this figure.
+    pub fn boot_free_pages(&self) -> usize {
+        self.boot_free_pages
     }
 
     /// The page allocator.
