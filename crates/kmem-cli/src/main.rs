@@ -15,9 +15,10 @@ mod demo;
 /// kmem: the Linux kernel's memory allocators on a simulated machine.
 ///
 /// With no command, boots the default machine (x86_64 zones, 4 CPUs, about 4 GiB of RAM with a
-/// PCI hole), runs a short page-allocator workload (allocations of every order and zone,
-/// fragmentation, an allocation failure, freeing everything) and prints /proc/buddyinfo and
-/// /proc/meminfo as Linux would.
+/// PCI hole), runs a short workload (pages of every order and zone, fragmentation, an
+/// allocation failure, a lookaside cache with a constructor, kmalloc of every class, bad
+/// frees, freeing everything) and prints /proc/buddyinfo, /proc/slabinfo and /proc/meminfo
+/// as Linux would.
 #[derive(Parser, Debug)]
 #[command(name = "kmem", version, about, long_about)]
 struct Cli {
@@ -54,6 +55,7 @@ enum ProcFile {
     Buddyinfo,
     Zoneinfo,
     Meminfo,
+    Slabinfo,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -132,6 +134,7 @@ fn main() -> ExitCode {
                 ProcFile::Buddyinfo => "buddyinfo",
                 ProcFile::Zoneinfo => "zoneinfo",
                 ProcFile::Meminfo => "meminfo",
+                ProcFile::Slabinfo => "slabinfo",
             };
             let text = machine.proc(name).expect("known report");
             out.write_all(text.as_bytes()).map_err(|e| e.to_string())
