@@ -16,11 +16,13 @@
 //!   `map_page` maps one page of the memfd over the reservation with `mmap(MAP_FIXED)`;
 //!   `unmap_pages` puts a `PROT_NONE` reservation back, so a later touch faults.
 //!
-//! * **Virtual CPUs** are lock words, one per cache line. A thread has a *home* vCPU per machine
-//!   (round-robin at its first use); [`Platform::cpu_guard`] takes the home vCPU with one
-//!   uncontended compare-and-swap and gives it back with a plain release store. If the home
-//!   vCPU is taken (more threads than vCPUs), the others are tried in turn, yielding between
-//!   rounds. Guards nest without any atomic operation. See [`HostedGuard`].
+//! * **Virtual CPUs** are owner words, one per cache line. A thread that gets a vCPU keeps it
+//!   between sections, so [`Platform::cpu_guard`] is usually a plain store and a plain load
+//!   (no atomic read-modify-write); another thread takes a vCPU away with a compare-and-swap
+//!   and a `membarrier`, which is what makes the store-then-load safe. More threads than
+//!   vCPUs work (slower). Without `membarrier`, each section takes its vCPU with a
+//!   compare-and-swap instead ([`GuardMode`]). Guards nest without any atomic operation. See
+//!   the `cpus` module and [`HostedGuard`].
 //!
 //! * **Sleeping** is a private futex; **relax** is a thread yield; the **log** is an in-memory
 //!   ring of lines, optionally echoed to stderr.
@@ -30,15 +32,21 @@ use std::collections::VecDeque;
 use std::ffi::c_void;
 use std::fmt;
 use std::io;
-use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use kmem::addr::{PAGE_SIZE, Pfn, VirtAddr};
-use kmem::platform::{CpuGuard, LogLevel, MapError, PageProt, Platform, TaskInfo};
+use kmem::platform::{LogLevel, MapError, PageProt, Platform, TaskInfo};
 use rustix::fs::MemfdFlags;
 use rustix::mm::{MapFlags, ProtFlags};
+
+mod cpus;
+
+use cpus::CpuSet;
+#[cfg(test)]
+use cpus::NSLOTS;
+pub use cpus::{GUARD_MODE_ENV, GuardMode, GuardStats, HostedGuard};
 
 /// Alignment of the direct map's start, so that naturally aligned physical blocks are
 /// naturally aligned virtually too (as with a kernel's `PAGE_OFFSET`).
@@ -83,15 +91,6 @@ impl MemorySpec {
     }
 }
 
-/// A virtual CPU: its lock word, alone on its cache lines.
-#[repr(align(128))]
-struct VCpu {
-    /// Token of the thread holding this vCPU, 0 when free.
-    owner: AtomicU64,
-    /// Number of live guards on this vCPU; read and written only by its owner.
-    depth: AtomicU32,
-}
-
 /// The reserved virtual region; unmapped on drop.
 struct Region {
     base: usize,
@@ -109,9 +108,7 @@ impl Drop for Region {
 /// The simulated machine: memfd physical memory, real mappings, virtual CPUs, futex sleeps
 /// and a log buffer. Implements [`Platform`].
 pub struct HostedPlatform {
-    id: u64,
-    cpus: Box<[VCpu]>,
-    next_home: AtomicUsize,
+    cpus: CpuSet,
     phys_size: u64,
     direct_map_size: u64,
     direct_map_base: usize,
@@ -134,13 +131,23 @@ fn align_up(x: usize, a: usize) -> Option<usize> {
     Some(x.checked_add(a - 1)? & !(a - 1))
 }
 
-static NEXT_PLATFORM_ID: AtomicU64 = AtomicU64::new(1);
-static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
-
 impl HostedPlatform {
     /// Builds a machine: creates and sizes the memfd, reserves the virtual region and maps the
     /// direct map. Also makes the core's spin loops yield the thread.
+    ///
+    /// The CPU guards are [`GuardMode::Biased`] when the kernel has `membarrier`, unless the
+    /// environment variable [`GUARD_MODE_ENV`] is `cas`.
     pub fn new(spec: MemorySpec) -> io::Result<HostedPlatform> {
+        let mode = GuardMode::from_env()
+            .ok_or_else(|| invalid("KMEM_HOSTED_GUARD_MODE must be `biased` or `cas`"))?;
+        HostedPlatform::with_guard_mode(spec, mode)
+    }
+
+    /// As [`HostedPlatform::new`], with the CPU guards' implementation chosen by the caller
+    /// (the environment is not read). [`GuardMode::Biased`] falls back to
+    /// [`GuardMode::Cas`] when `membarrier` is not available; see
+    /// [`HostedPlatform::guard_mode`].
+    pub fn with_guard_mode(spec: MemorySpec, mode: GuardMode) -> io::Result<HostedPlatform> {
         let page = PAGE_SIZE as u64;
         if spec.phys_size == 0 || spec.phys_size % page != 0 {
             return Err(invalid(
@@ -224,14 +231,7 @@ impl HostedPlatform {
         kmem::sync::set_relax_hook(std::thread::yield_now);
 
         Ok(HostedPlatform {
-            id: NEXT_PLATFORM_ID.fetch_add(1, Ordering::Relaxed),
-            cpus: (0..spec.nr_cpus)
-                .map(|_| VCpu {
-                    owner: AtomicU64::new(0),
-                    depth: AtomicU32::new(0),
-                })
-                .collect(),
-            next_home: AtomicUsize::new(0),
+            cpus: CpuSet::new(spec.nr_cpus, mode),
             phys_size: spec.phys_size,
             direct_map_size,
             direct_map_base: base,
@@ -244,6 +244,16 @@ impl HostedPlatform {
             region,
             memfd,
         })
+    }
+
+    /// How this machine's CPU guards work.
+    pub fn guard_mode(&self) -> GuardMode {
+        self.cpus.mode()
+    }
+
+    /// Counters of the CPU guards' slow paths.
+    pub fn guard_stats(&self) -> GuardStats {
+        self.cpus.stats()
     }
 
     /// Bytes of physical address space (the memfd's length).
@@ -317,63 +327,13 @@ impl HostedPlatform {
             && (inside(self.kmap_base, self.kmap_pages * PAGE_SIZE)
                 || inside(self.vmalloc_base, self.vmalloc_size))
     }
-
-    /// The next home vCPU, round-robin.
-    fn assign_home(&self) -> u32 {
-        (self.next_home.fetch_add(1, Ordering::Relaxed) % self.cpus.len()) as u32
-    }
-
-    #[inline]
-    fn guard(&self, cpu: u32, slot: usize, nested: bool) -> HostedGuard<'_> {
-        HostedGuard {
-            platform: self,
-            cpu,
-            slot: slot as u8,
-            nested,
-            _not_send: PhantomData,
-        }
-    }
-
-    /// Slow path of `cpu_guard`: the home vCPU is taken; tries the others in turn, then again
-    /// from home, yielding between rounds.
-    #[cold]
-    #[inline(never)]
-    fn acquire_any(&self, token: u64, home: u32) -> u32 {
-        let n = self.cpus.len();
-        loop {
-            for k in 1..=n {
-                let cpu = (home as usize + k) % n;
-                let owner = &self.cpus[cpu].owner;
-                if owner.load(Ordering::Relaxed) == 0
-                    && owner
-                        .compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed)
-                        .is_ok()
-                {
-                    return cpu as u32;
-                }
-            }
-            std::thread::yield_now();
-        }
-    }
-
-    /// Some vCPU this thread holds (it holds at least one): for nesting after the outermost
-    /// guard was dropped first.
-    #[cold]
-    #[inline(never)]
-    fn find_owned(&self, token: u64) -> u32 {
-        let cpu = self
-            .cpus
-            .iter()
-            .position(|v| v.owner.load(Ordering::Relaxed) == token)
-            .expect("kmem-hosted: thread counts guards but holds no vCPU");
-        cpu as u32
-    }
 }
 
 impl fmt::Debug for HostedPlatform {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HostedPlatform")
-            .field("id", &self.id)
+            .field("id", &self.cpus.id())
+            .field("guard_mode", &self.cpus.mode())
             .field("nr_cpus", &self.cpus.len())
             .field("phys_size", &self.phys_size)
             .field(
@@ -389,103 +349,9 @@ impl fmt::Debug for HostedPlatform {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Per-thread state
-// ---------------------------------------------------------------------------------------------
-
-/// Most machines a thread can hold guards of at the same time.
-const NSLOTS: usize = 8;
-/// `Slot::cur` when unknown.
-const NO_CPU: u32 = u32::MAX;
-
-/// A thread's state on one machine.
-struct Slot {
-    /// The machine's id; 0 for an empty slot.
-    id: Cell<u64>,
-    /// The vCPU `cpu_guard` tries first.
-    home: Cell<u32>,
-    /// The CPU nested `cpu_guard`s run on: that of the guard which started the atomic
-    /// section, or `NO_CPU` once it was released (then found again by a scan).
-    cur: Cell<u32>,
-    /// Live guards of this machine held by this thread (`in_atomic` when > 0).
-    count: Cell<u32>,
-}
-
-struct ThreadState {
-    /// This thread's owner token (nonzero once assigned, unique in the process).
-    token: Cell<u64>,
-    /// The slot used last.
-    last: Cell<usize>,
-    /// xorshift64 state; 0 until seeded.
-    rng: Cell<u64>,
-    slots: [Slot; NSLOTS],
-}
-
-impl ThreadState {
-    const fn new() -> ThreadState {
-        ThreadState {
-            token: Cell::new(0),
-            last: Cell::new(0),
-            rng: Cell::new(0),
-            slots: [const {
-                Slot {
-                    id: Cell::new(0),
-                    home: Cell::new(0),
-                    cur: Cell::new(NO_CPU),
-                    count: Cell::new(0),
-                }
-            }; NSLOTS],
-        }
-    }
-
-    /// This thread's slot for `p`, assigning one (and a home vCPU) at first use.
-    #[inline]
-    fn slot(&self, p: &HostedPlatform) -> usize {
-        let i = self.last.get();
-        if self.slots[i].id.get() == p.id {
-            i
-        } else {
-            self.slot_slow(p)
-        }
-    }
-
-    /// This thread's slot for `p`, if it has one.
-    fn find(&self, id: u64) -> Option<usize> {
-        self.slots.iter().position(|s| s.id.get() == id)
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn slot_slow(&self, p: &HostedPlatform) -> usize {
-        if self.token.get() == 0 {
-            self.token.set(NEXT_TOKEN.fetch_add(1, Ordering::Relaxed));
-        }
-        let i = match self.find(p.id) {
-            Some(i) => i,
-            None => {
-                let i = self
-                    .slots
-                    .iter()
-                    .position(|s| s.id.get() == 0)
-                    .or_else(|| self.slots.iter().position(|s| s.count.get() == 0))
-                    .unwrap_or_else(|| {
-                        panic!("kmem-hosted: a thread holds guards of more than {NSLOTS} machines")
-                    });
-                let s = &self.slots[i];
-                s.id.set(p.id);
-                s.home.set(p.assign_home());
-                s.cur.set(NO_CPU);
-                s.count.set(0);
-                i
-            }
-        };
-        self.last.set(i);
-        i
-    }
-}
-
 thread_local! {
-    static THREAD: ThreadState = const { ThreadState::new() };
+    /// xorshift64 state of `random_u64`; 0 until seeded.
+    static RNG: Cell<u64> = const { Cell::new(0) };
 }
 
 fn splitmix64(mut z: u64) -> u64 {
@@ -500,67 +366,6 @@ fn monotonic_ns() -> u64 {
     (ts.tv_sec as u64)
         .wrapping_mul(1_000_000_000)
         .wrapping_add(ts.tv_nsec as u64)
-}
-
-// ---------------------------------------------------------------------------------------------
-// The guard
-// ---------------------------------------------------------------------------------------------
-
-/// A section on one virtual CPU of a [`HostedPlatform`].
-///
-/// While any guard on vCPU *c* lives, the thread that holds it owns *c*: no other thread gets
-/// a guard on *c* until every guard on *c* is dropped. A thread's guards on one machine nest:
-/// the first one (from [`Platform::cpu_guard`]) takes a vCPU, later ones reuse it, report
-/// [`CpuGuard::nested`] and cost no atomic operation. A guard from [`Platform::lock_cpu`] of
-/// another vCPU takes that vCPU too (a thread may hold several); nested `cpu_guard`s keep
-/// running on the CPU of the guard that started the atomic section. Guards may be dropped in
-/// any order. Not `Send`: a guard is released by the thread that took it.
-pub struct HostedGuard<'a> {
-    platform: &'a HostedPlatform,
-    cpu: u32,
-    slot: u8,
-    nested: bool,
-    _not_send: PhantomData<*mut ()>,
-}
-
-impl CpuGuard for HostedGuard<'_> {
-    #[inline]
-    fn cpu(&self) -> usize {
-        self.cpu as usize
-    }
-
-    #[inline]
-    fn nested(&self) -> bool {
-        self.nested
-    }
-}
-
-impl Drop for HostedGuard<'_> {
-    #[inline]
-    fn drop(&mut self) {
-        let v = &self.platform.cpus[self.cpu as usize];
-        let depth = v.depth.load(Ordering::Relaxed) - 1;
-        v.depth.store(depth, Ordering::Relaxed);
-        if depth == 0 {
-            v.owner.store(0, Ordering::Release);
-        }
-        THREAD.with(|t| {
-            let s = &t.slots[self.slot as usize];
-            s.count.set(s.count.get() - 1);
-            if depth == 0 && s.cur.get() == self.cpu {
-                s.cur.set(NO_CPU);
-            }
-        });
-    }
-}
-
-impl fmt::Debug for HostedGuard<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HostedGuard")
-            .field("cpu", &self.cpu)
-            .field("nested", &self.nested)
-            .finish()
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -585,97 +390,18 @@ impl Platform for HostedPlatform {
         self.cpus.len()
     }
 
-    #[inline]
+    #[inline(always)]
     fn cpu_guard(&self) -> HostedGuard<'_> {
-        THREAD.with(|t| {
-            let si = t.slot(self);
-            let s = &t.slots[si];
-            let count = s.count.get();
-            if count == 0 {
-                let token = t.token.get();
-                let home = s.home.get();
-                let cpu = if self.cpus[home as usize]
-                    .owner
-                    .compare_exchange(0, token, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    home
-                } else {
-                    self.acquire_any(token, home)
-                };
-                self.cpus[cpu as usize].depth.store(1, Ordering::Relaxed);
-                s.cur.set(cpu);
-                s.count.set(1);
-                self.guard(cpu, si, false)
-            } else {
-                let mut cpu = s.cur.get();
-                if cpu == NO_CPU {
-                    cpu = self.find_owned(t.token.get());
-                    s.cur.set(cpu);
-                }
-                let v = &self.cpus[cpu as usize];
-                v.depth
-                    .store(v.depth.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-                s.count.set(count + 1);
-                self.guard(cpu, si, true)
-            }
-        })
+        self.cpus.guard()
     }
 
     fn lock_cpu(&self, cpu: usize) -> HostedGuard<'_> {
-        assert!(
-            cpu < self.cpus.len(),
-            "lock_cpu({cpu}) on a machine with {} CPUs",
-            self.cpus.len()
-        );
-        THREAD.with(|t| {
-            let si = t.slot(self);
-            let s = &t.slots[si];
-            let token = t.token.get();
-            let count = s.count.get();
-            let v = &self.cpus[cpu];
-            if v.owner.load(Ordering::Relaxed) == token {
-                // Only this thread ever stores its token, so this is not a stale read.
-                v.depth
-                    .store(v.depth.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-            } else {
-                let mut spins = 0u32;
-                while v
-                    .owner
-                    .compare_exchange_weak(0, token, Ordering::Acquire, Ordering::Relaxed)
-                    .is_err()
-                {
-                    spins += 1;
-                    if spins < 64 {
-                        core::hint::spin_loop();
-                    } else {
-                        std::thread::yield_now();
-                    }
-                }
-                v.depth.store(1, Ordering::Relaxed);
-            }
-            if s.cur.get() == NO_CPU {
-                s.cur.set(cpu as u32);
-            }
-            s.count.set(count + 1);
-            self.guard(cpu as u32, si, count > 0)
-        })
+        self.cpus.lock(cpu)
     }
 
     #[inline]
     fn in_atomic(&self) -> bool {
-        THREAD.with(|t| {
-            let i = t.last.get();
-            let i = if t.slots[i].id.get() == self.id {
-                i
-            } else {
-                match t.find(self.id) {
-                    Some(i) => i,
-                    None => return false,
-                }
-            };
-            t.slots[i].count.get() > 0
-        })
+        self.cpus.in_atomic()
     }
 
     fn wait(&self, word: &AtomicU32, expected: u32, timeout_ns: u64) {
@@ -778,16 +504,16 @@ impl Platform for HostedPlatform {
     }
 
     fn random_u64(&self) -> u64 {
-        THREAD.with(|t| {
-            let mut x = t.rng.get();
+        RNG.with(|rng| {
+            let mut x = rng.get();
             if x == 0 {
                 let tid = rustix::thread::gettid().as_raw_nonzero().get() as u64;
-                x = splitmix64(monotonic_ns() ^ (tid << 32) ^ (t as *const ThreadState as u64)) | 1;
+                x = splitmix64(monotonic_ns() ^ (tid << 32) ^ (rng as *const Cell<u64> as u64)) | 1;
             }
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            t.rng.set(x);
+            rng.set(x);
             x.wrapping_mul(0x2545_f491_4f6c_dd1d)
         })
     }
@@ -822,5 +548,7 @@ impl Platform for HostedPlatform {
     }
 }
 
+#[cfg(test)]
+mod guard_tests;
 #[cfg(test)]
 mod tests;
