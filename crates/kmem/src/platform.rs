@@ -109,6 +109,9 @@ pub trait Platform: Send + Sync {
 
     /// Runs on behalf of `cpu`: returns that CPU's guard, waiting until its current holder
     /// leaves its section. Used on slow paths only (draining a remote CPU's lists).
+    ///
+    /// Context: process context. Must not be called while holding a guard of another CPU:
+    /// two tasks doing so could wait for each other (the core never does).
     fn lock_cpu(&self, cpu: usize) -> Self::Guard<'_>;
 
     /// True when the caller may not sleep: it holds a [`CpuGuard`] or a platform lock that
