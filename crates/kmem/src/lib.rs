@@ -7,11 +7,15 @@
 //! 2. [`memblock`]: the boot-time allocator; memory and reserved ranges, early allocations.
 //! 3. [`page_alloc`]: zones with watermarks, the buddy allocator, per-CPU page lists and the
 //!    page descriptor array (`mem_map`).
-//! 4. [`report`]: `/proc/buddyinfo`, `/proc/zoneinfo` and `/proc/meminfo` in Linux's formats.
+//! 4. [`slab`]: lookaside caches (`kmem_cache_*`), SLUB-style with per-CPU sheaves.
+//! 5. [`kmalloc`]: size classes over slab caches, large sizes from the page allocator.
+//! 7. [`report`]: `/proc/buddyinfo`, `zoneinfo`, `meminfo` and `slabinfo` in Linux's formats.
+//! 8. [`boxed`]: typed owners (`KBox`, `KVec`, `KmemCache<T>`, `CacheBox`) that free on drop.
 //!
 //! [`Kmem::boot`] runs the kernel's boot order: memblock hands its
 //! memory map over, `mem_map` and the per-CPU page sets are carved out of it, zones are sized
-//! and given watermarks, and every unreserved page is freed into the buddy allocator.
+//! and given watermarks, every unreserved page is freed into the buddy allocator, and the
+//! kmalloc caches are created.
 #![no_std]
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -20,6 +24,7 @@
 extern crate std;
 
 pub mod addr;
+pub mod boxed;
 pub mod config;
 pub mod fmt_util;
 pub mod gfp;

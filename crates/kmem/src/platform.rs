@@ -131,7 +131,9 @@ pub trait Platform: Send + Sync {
     }
 
     /// The virtual address at which physical address 0 is mapped (`PAGE_OFFSET`): low memory
-    /// `phys` is at `direct_map_base() + phys`.
+    /// `phys` is at `direct_map_base() + phys`. It must be aligned to at least 4 MiB (the
+    /// largest buddy block), so that naturally aligned physical blocks, and the kmalloc
+    /// objects inside them, are naturally aligned virtually too.
     fn direct_map_base(&self) -> usize;
 
     /// The virtual window for `kmap` of HighMem pages: its first address and its size in

@@ -274,8 +274,13 @@ impl SlabAllocator {
             pa.report_atomic_sleep();
         }
         if gfp.contains(__GFP_ZERO) {
-            // SAFETY: `obj` is a fresh object of `object_size` writable bytes.
-            unsafe { core::ptr::write_bytes(obj, 0, s.object_size as usize) };
+            if s.ctor.is_some() {
+                // Zeroing would destroy the constructed state: Linux warns and ignores it.
+                self.report_zero_with_ctor(pa, s);
+            } else {
+                // SAFETY: `obj` is a fresh object of `object_size` writable bytes.
+                unsafe { core::ptr::write_bytes(obj, 0, s.object_size as usize) };
+            }
         }
         // SAFETY: sheaves and slabs only hold non-null object addresses.
         Some(unsafe { NonNull::new_unchecked(obj) })
@@ -319,11 +324,10 @@ impl SlabAllocator {
             }
             let idx = self.new_slab(pa, s, gfp)?;
             let order = pa.mem_map().at(idx).order();
-            slabs.add_new_slab(
-                &mut s.node.lock(),
-                idx,
-                cache::order_objects(order, s.size()),
-            );
+            // Objects are built (constructors run) before the slab is published, with no
+            // lock held, as Linux does: a constructor may even allocate.
+            slabs.init_slab(idx, cache::order_objects(order, s.size()));
+            slabs.publish_slab(&mut s.node.lock(), idx);
         }
     }
 
@@ -407,7 +411,8 @@ impl SlabAllocator {
     ///
     /// # Safety
     ///
-    /// If `obj` is a live object of `s`, nothing may use it after this call.
+    /// If `obj` is a live object of `s`, nothing may use it after this call. For a cache with
+    /// a constructor, the object must be back in its constructed state (Linux's contract).
     #[inline(always)]
     pub unsafe fn kmem_cache_free<P: Platform>(
         &self,
@@ -525,6 +530,17 @@ impl SlabAllocator {
             pa.platform().synchronize_rcu();
         }
         pa.free_slab_pages(idx, s.order_of_slab(pa, idx));
+    }
+
+    #[cold]
+    fn report_zero_with_ctor<P: Platform>(&self, pa: &PageAlloc<P>, s: &KmemCache) {
+        pa.platform().log(
+            LogLevel::Warning,
+            format_args!(
+                "WARNING: kmem_cache_alloc({}): __GFP_ZERO on a cache with a constructor ignored",
+                s.name()
+            ),
+        );
     }
 
     #[cold]

@@ -171,9 +171,9 @@ impl<P: Platform> Slabs<'_, P> {
         self.set_counters(idx, c);
     }
 
-    /// Formats a new slab of `objects` objects at `idx` (free chain through every object, constructor run on
-    /// each) and puts it on the partial list.
-    pub(crate) fn add_new_slab(&self, nl: &mut NodeLists, idx: u32, objects: usize) {
+    /// Formats a new slab of `objects` objects at `idx`: the constructor on every object and
+    /// the free chain through all of them. The slab is not published yet: no lock needed.
+    pub(crate) fn init_slab(&self, idx: u32, objects: usize) {
         let s = self.s;
         let base = self.base(idx);
         let n = objects as u32;
@@ -192,12 +192,18 @@ impl<P: Platform> Slabs<'_, P> {
                 list: LIST_NONE,
             },
         );
+    }
+
+    /// Puts a formatted slab on the partial list and into the cache's counters.
+    pub(crate) fn publish_slab(&self, nl: &mut NodeLists, idx: u32) {
+        let s = self.s;
+        let n = self.counters(idx).objects as usize;
         self.list_add(nl, idx, LIST_PARTIAL);
         s.nr_slabs.store(s.nr_slabs.load(Relaxed) + 1, Relaxed);
         s.total_objects
-            .store(s.total_objects.load(Relaxed) + n as usize, Relaxed);
+            .store(s.total_objects.load(Relaxed) + n, Relaxed);
         s.free_objects
-            .store(s.free_objects.load(Relaxed) + n as usize, Relaxed);
+            .store(s.free_objects.load(Relaxed) + n, Relaxed);
     }
 
     /// Takes up to `out.len()` free objects from partial slabs (`get_partial` + freelist
