@@ -1527,7 +1527,10 @@ fn boot_accounting_with_hole_and_reservation() {
     // Everything managed is free after boot, but for the kmalloc caches' descriptors.
     assert_eq!(m.nr_free_pages(), m.boot_free_pages());
     let caches = m.totalram_pages() - m.boot_free_pages();
-    assert!(caches > 0 && caches < 200, "{caches} pages of cache descriptors");
+    assert!(
+        caches > 0 && caches < 200,
+        "{caches} pages of cache descriptors"
+    );
     let meminfo = m.proc_meminfo();
     let total: usize = meminfo
         .lines()
