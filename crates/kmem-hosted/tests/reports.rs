@@ -1,5 +1,5 @@
 //! The `/proc` reports have Linux's exact shape: compared line by line with real files from a
-//! Linux 6.18 machine (`shared/proc-samples`), numbers aside.
+//! Linux 6.18 machine (`testdata/proc-samples`), numbers aside.
 
 use kmem::gfp::GFP_KERNEL;
 use kmem_hosted::{Machine, MachineConfig};
@@ -8,7 +8,7 @@ const GIB: u64 = 1 << 30;
 
 fn sample(name: &str) -> String {
     let path = format!(
-        "{}/../../../shared/proc-samples/{name}",
+        "{}/../../testdata/proc-samples/{name}",
         env!("CARGO_MANIFEST_DIR")
     );
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))

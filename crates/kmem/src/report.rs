@@ -390,7 +390,7 @@ mod tests {
 
     #[test]
     fn meminfo_matches_linux_layout() {
-        let sample = include_str!("../../../../shared/proc-samples/meminfo");
+        let sample = include_str!("../../../testdata/proc-samples/meminfo");
         let m = MemInfo {
             total: 24684084 / 4,
             free: 23993728 / 4,
