@@ -140,6 +140,13 @@ pub trait Platform: Send + Sync {
     /// pages (`PKMAP_BASE`, `LAST_PKMAP`). A machine without HighMem may return zero pages.
     fn kmap_window(&self) -> (VirtAddr, usize);
 
+    /// The virtual range for vmalloc and vmap (`VMALLOC_START`, `VMALLOC_END`): its first
+    /// address and its size in bytes. Unmapped until the core maps pages into it. A platform
+    /// without one returns a size of 0.
+    fn vmalloc_range(&self) -> (VirtAddr, usize) {
+        (VirtAddr(0), 0)
+    }
+
     /// Maps the frame `pfn` at `va` (page aligned, inside a window this platform handed out),
     /// replacing any previous mapping there.
     ///

@@ -271,11 +271,6 @@ impl HostedPlatform {
         self.memfd.as_fd()
     }
 
-    /// The reserved vmalloc range: its first address and its length in bytes.
-    pub fn vmalloc_range(&self) -> (VirtAddr, usize) {
-        (VirtAddr(self.vmalloc_base), self.vmalloc_size)
-    }
-
     /// The whole reserved region (direct map, kmap window, vmalloc range and the gaps
     /// between them): its first address and its length in bytes.
     pub fn region(&self) -> (VirtAddr, usize) {
@@ -439,6 +434,10 @@ impl Platform for HostedPlatform {
 
     fn kmap_window(&self) -> (VirtAddr, usize) {
         (VirtAddr(self.kmap_base), self.kmap_pages)
+    }
+
+    fn vmalloc_range(&self) -> (VirtAddr, usize) {
+        (VirtAddr(self.vmalloc_base), self.vmalloc_size)
     }
 
     unsafe fn map_page(&self, va: VirtAddr, pfn: Pfn, prot: PageProt) -> Result<(), MapError> {
