@@ -177,7 +177,7 @@ pub struct KmemCache {
     pub(crate) sheaves: NonNull<Sheaf>, // nr_cpus entries after this struct
     pub(crate) sheaf_cap: u32,          // objects a sheaf holds before a flush
     pub(crate) size: u32,               // distance between objects
-    pub(crate) object_size: u32,        // what the creator asked for
+    pub(crate) object_size: AtomicU32,  // what the creators asked for (the largest, if merged)
     pub(crate) reciprocal_size: u32,    // ceil(2^32 / size): offset -> index without division
     pub(crate) offset: u32,             // where a free object keeps its next index
     pub(crate) align: u32,
@@ -246,7 +246,7 @@ impl KmemCache {
             sheaves: NonNull::dangling(),
             sheaf_cap: cap as u32,
             size: size as u32,
-            object_size: object_size as u32,
+            object_size: AtomicU32::new(object_size as u32),
             reciprocal_size: (1u64 << 32).div_ceil(size as u64) as u32,
             offset: offset as u32,
             align: align as u32,
@@ -275,7 +275,7 @@ impl KmemCache {
 
     /// The size of the objects the creator asked for (`kmem_cache_size`).
     pub fn object_size(&self) -> usize {
-        self.object_size as usize
+        self.object_size.load(Relaxed) as usize
     }
 
     /// Bytes between objects in a slab (object, padding and free pointer).
@@ -324,12 +324,12 @@ impl KmemCache {
         self.refcount.load(Relaxed)
     }
 
-    /// Index of the object at byte `offset` of its slab, if `offset` starts an object
-    /// (`obj_to_index` plus SLUB's pointer check).
+    /// Index of the object at byte `offset` of a slab of `objects` objects, if `offset`
+    /// starts one (`obj_to_index` plus SLUB's `check_valid_pointer`).
     #[inline(always)]
-    pub(crate) fn obj_index(&self, offset: usize) -> Option<u32> {
+    pub(crate) fn obj_index(&self, offset: usize, objects: u32) -> Option<u32> {
         let idx = ((offset as u64 * self.reciprocal_size as u64) >> 32) as u32;
-        (idx < self.objects && idx as usize * self.size as usize == offset).then_some(idx)
+        (idx < objects && idx as usize * self.size as usize == offset).then_some(idx)
     }
 }
 
@@ -366,13 +366,19 @@ mod tests {
         for size in [8usize, 24, 96, 192, 200, 1000, 3000, 8192] {
             let c = KmemCache::new("t", size, 0, SlabFlags::NONE, None, 0, 4, Gfp::NONE);
             let s = c.size();
+            let n = c.objects_per_slab() as u32;
             for i in 0..c.objects_per_slab() {
-                assert_eq!(c.obj_index(i * s), Some(i as u32));
+                assert_eq!(c.obj_index(i * s, n), Some(i as u32));
                 if s > 8 {
-                    assert_eq!(c.obj_index(i * s + 8), None, "size {s} index {i}");
+                    assert_eq!(c.obj_index(i * s + 8, n), None, "size {s} index {i}");
                 }
             }
-            assert_eq!(c.obj_index(c.objects_per_slab() * s), None);
+            assert_eq!(c.obj_index(c.objects_per_slab() * s, n), None);
+            assert_eq!(
+                c.obj_index(s, 1),
+                None,
+                "a one-object slab has no second object"
+            );
         }
     }
 

@@ -161,6 +161,17 @@ impl SlabAllocator {
             return self.create_failed(flags, name);
         }
         let gfp = cache_gfp(flags);
+        if crate::addr::get_order(size.max(args.align)) > crate::addr::MAX_PAGE_ORDER {
+            p.log(
+                LogLevel::Err,
+                format_args!(
+                    "kmem_cache_create({name}) failed with error -22: size {size} with alignment {} needs more than an order-{} slab",
+                    args.align,
+                    crate::addr::MAX_PAGE_ORDER
+                ),
+            );
+            return self.create_failed(flags, name);
+        }
         let proto = KmemCache::new(
             name,
             size,
@@ -173,7 +184,9 @@ impl SlabAllocator {
         );
         let mut list = self.caches.lock();
         if let Some(c) = self.find_mergeable(&list, &proto) {
+            // `__kmem_cache_alias`: the shared cache serves the larger of the two sizes.
             c.refcount.store(c.refcount.load(Relaxed) + 1, Relaxed);
+            c.object_size.fetch_max(size as u32, Relaxed);
             return Some(c);
         }
         drop(list);
@@ -279,7 +292,7 @@ impl SlabAllocator {
                 self.report_zero_with_ctor(pa, s);
             } else {
                 // SAFETY: `obj` is a fresh object of `object_size` writable bytes.
-                unsafe { core::ptr::write_bytes(obj, 0, s.object_size as usize) };
+                unsafe { core::ptr::write_bytes(obj, 0, s.object_size()) };
             }
         }
         // SAFETY: sheaves and slabs only hold non-null object addresses.
@@ -395,7 +408,9 @@ impl SlabAllocator {
         // SAFETY: a SLAB head's `private` is the cache that owns it (set before the slab was
         // published, cleared after it was unpublished), and a cache outlives its slabs.
         let cache = unsafe { &*(page.private() as *const KmemCache) };
-        let index = cache.obj_index(p - pa.idx_address(idx))?;
+        // Fallback slabs (smaller than the cache's order) hold fewer objects: check against
+        // the slab's own count, as `check_valid_pointer` does.
+        let index = cache.obj_index(p - pa.idx_address(idx), node::slab_objects(page))?;
         Some(ObjRef {
             cache,
             slab: idx,
@@ -491,13 +506,14 @@ impl SlabAllocator {
         self.return_objects_inner(pa, s, objs, false);
     }
 
+    /// As `return_objects`; returns the pages of the slabs that were freed.
     fn return_objects_inner<P: Platform>(
         &self,
         pa: &PageAlloc<P>,
         s: &KmemCache,
         objs: &[*mut u8],
         force_free_empty: bool,
-    ) {
+    ) -> usize {
         let slabs = Slabs { pa, s };
         let mut to_free = [0u32; SHEAF_MAX];
         let mut nfree = 0;
@@ -519,17 +535,21 @@ impl SlabAllocator {
                 }
             }
         }
-        for &idx in &to_free[..nfree] {
-            self.discard_slab(pa, s, idx);
-        }
+        to_free[..nfree]
+            .iter()
+            .map(|&idx| self.discard_slab(pa, s, idx))
+            .sum()
     }
 
-    /// Frees an empty slab's pages (after a grace period for `SLAB_TYPESAFE_BY_RCU`).
-    fn discard_slab<P: Platform>(&self, pa: &PageAlloc<P>, s: &KmemCache, idx: u32) {
+    /// Frees an empty slab's pages (after a grace period for `SLAB_TYPESAFE_BY_RCU`);
+    /// returns how many pages went back.
+    fn discard_slab<P: Platform>(&self, pa: &PageAlloc<P>, s: &KmemCache, idx: u32) -> usize {
         if s.flags.contains(SlabFlags::TYPESAFE_BY_RCU) {
             pa.platform().synchronize_rcu();
         }
-        pa.free_slab_pages(idx, s.order_of_slab(pa, idx));
+        let order = s.order_of_slab(pa, idx);
+        pa.free_slab_pages(idx, order);
+        1 << order
     }
 
     #[cold]
@@ -567,22 +587,29 @@ impl SlabAllocator {
     // ------------------------------------------------------------------ shrink, destroy
 
     /// Moves every CPU's sheaf of `s` back into the slabs.
-    fn flush_all_sheaves<P: Platform>(&self, pa: &PageAlloc<P>, s: &KmemCache, free_empty: bool) {
+    /// Returns the pages of the slabs freed on the way.
+    fn flush_all_sheaves<P: Platform>(
+        &self,
+        pa: &PageAlloc<P>,
+        s: &KmemCache,
+        free_empty: bool,
+    ) -> usize {
+        let mut pages = 0;
         for cpu in 0..pa.nr_cpus() {
             let mut batch = [core::ptr::null_mut(); SHEAF_MAX];
             let guard = pa.platform().lock_cpu(cpu);
             let n = s.sheaf(cpu).take_cold(&mut batch);
             drop(guard);
-            self.return_objects_inner(pa, s, &batch[..n], free_empty);
+            pages += self.return_objects_inner(pa, s, &batch[..n], free_empty);
         }
+        pages
     }
 
     /// Gives every free slab of `s` back to the page allocator (`kmem_cache_shrink`),
     /// after emptying the CPUs' sheaves. Returns the pages freed. Context: may wait for
     /// other CPUs' sections; never sleeps otherwise.
     pub fn kmem_cache_shrink<P: Platform>(&self, pa: &PageAlloc<P>, s: &KmemCache) -> usize {
-        let slabs_before = s.nr_slabs();
-        self.flush_all_sheaves(pa, s, true);
+        let mut pages = self.flush_all_sheaves(pa, s, true);
         let slabs = Slabs { pa, s };
         loop {
             let mut empty = [0u32; SHEAF_MAX];
@@ -598,10 +625,10 @@ impl SlabAllocator {
                 break;
             }
             for &idx in &empty[..n] {
-                self.discard_slab(pa, s, idx);
+                pages += self.discard_slab(pa, s, idx);
             }
         }
-        (slabs_before - s.nr_slabs()) << s.order
+        pages
     }
 
     /// Destroys a cache (`kmem_cache_destroy`). A merged cache only loses one creator.
@@ -622,10 +649,15 @@ impl SlabAllocator {
                 s.refcount.store(r - 1, Relaxed);
                 return true;
             }
+            // Dying: `find_mergeable` skips caches with no creator, so no create can merge
+            // into this one while it shuts down.
+            s.refcount.store(0, Relaxed);
         }
         self.kmem_cache_shrink(pa, s);
         if s.nr_slabs() != 0 {
             self.report_leftovers(pa, s);
+            let _list = self.caches.lock();
+            s.refcount.store(1, Relaxed);
             return false;
         }
         {

@@ -36,6 +36,12 @@ const LIST_NONE: u64 = 0;
 const LIST_PARTIAL: u64 = 1;
 const LIST_FULL: u64 = 2;
 
+/// The capacity of the slab whose head descriptor is `page` (its packed `objects`).
+#[inline(always)]
+pub(crate) fn slab_objects(page: &crate::page_alloc::page::Page) -> u32 {
+    ((page.head.load(Relaxed) as u64 >> 32) & 0xffff) as u32
+}
+
 /// A slab's counters, unpacked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Counters {
