@@ -263,9 +263,12 @@ impl<P: Platform> PageAlloc<P> {
             min_free_kbytes,
         };
         let kmap = highmem::Kmap::new(&platform);
+        let lowmem_end_pfn = pfn_down(lowmem_end.min(end_pfn << PAGE_SHIFT)).min(end_pfn);
         let pa = PageAlloc {
             direct_map_base: dm,
-            lowmem_end_pfn: pfn_down(lowmem_end.min(end_pfn << PAGE_SHIFT)).min(end_pfn),
+            lowmem_end_pfn,
+            mm_vbase: dm.wrapping_add((base_pfn as usize) << PAGE_SHIFT),
+            nr_direct: lowmem_end_pfn.saturating_sub(base_pfn) as usize,
             platform,
             config,
             mm,

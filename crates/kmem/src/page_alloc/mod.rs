@@ -101,6 +101,8 @@ pub struct PageAlloc<P: Platform> {
     nr_cpus: usize,
     direct_map_base: usize,
     lowmem_end_pfn: u64, // frames below this are in the direct map
+    mm_vbase: usize,     // direct-map address of mem_map's first frame (may be notional)
+    nr_direct: usize,    // mem_map entries whose frames are in the direct map
     pub(crate) reclaim: slowpath::Reclaim,
     kmap: highmem::Kmap,
     bad_pages: AtomicUsize,
@@ -530,17 +532,14 @@ impl<P: Platform> PageAlloc<P> {
     /// Direct-map address of the page at `mem_map` index `idx` (low memory only).
     #[inline(always)]
     pub(crate) fn idx_address(&self, idx: u32) -> usize {
-        self.direct_map_base + (((self.mm.base_pfn() + idx as u64) as usize) << PAGE_SHIFT)
+        self.mm_vbase.wrapping_add((idx as usize) << PAGE_SHIFT)
     }
 
     /// The `mem_map` index of the page holding direct-map address `addr`, if it is RAM.
     #[inline(always)]
     pub(crate) fn addr_index(&self, addr: usize) -> Option<u32> {
-        let pfn = (addr.wrapping_sub(self.direct_map_base) >> PAGE_SHIFT) as u64;
-        if pfn >= self.lowmem_end_pfn {
-            return None;
-        }
-        self.mm.pfn_index(pfn)
+        let idx = addr.wrapping_sub(self.mm_vbase) >> PAGE_SHIFT;
+        (idx < self.nr_direct).then_some(idx as u32)
     }
 
     /// Allocates a slab: `1 << order` low-memory pages (compound above order 0), marked

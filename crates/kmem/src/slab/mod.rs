@@ -467,13 +467,13 @@ impl SlabAllocator {
         obj: *mut u8,
     ) {
         let guard = pa.platform().cpu_guard();
-        let sheaf = sheaf_of(s, &guard);
-        if sheaf.top() == Some(obj) {
-            drop(guard);
-            return self.report_free(pa, s.name(), obj, format_args!("double free detected"));
-        }
-        if !sheaf.push(obj, s.sheaf_cap) {
-            self.free_slow(pa, s, obj, guard);
+        match sheaf_of(s, &guard).push_checked(obj, s.sheaf_cap) {
+            Ok(()) => {}
+            Err(false) => self.free_slow(pa, s, obj, guard),
+            Err(true) => {
+                drop(guard);
+                self.report_free(pa, s.name(), obj, format_args!("double free detected"));
+            }
         }
     }
 

@@ -80,12 +80,22 @@ impl Sheaf {
         true
     }
 
-    /// The object on top, if any (for the naive double-free check).
+    /// Pushes `obj` unless it is already on top (a naive double free: `Err(true)`) or the
+    /// sheaf holds `cap` objects (`Err(false)`). Caller holds the guard.
     #[inline(always)]
-    pub(crate) fn top(&self) -> Option<*mut u8> {
+    pub(crate) fn push_checked(&self, obj: *mut u8, cap: u32) -> Result<(), bool> {
         let n = self.count.load(Relaxed);
         // SAFETY: `n - 1 < count <= SHEAF_MAX` when `n > 0`.
-        (n > 0).then(|| unsafe { self.objs.get_unchecked(n as usize - 1) }.load(Relaxed))
+        if n > 0 && unsafe { self.objs.get_unchecked(n as usize - 1) }.load(Relaxed) == obj {
+            return Err(true);
+        }
+        if n >= cap {
+            return Err(false);
+        }
+        // SAFETY: `n < cap <= SHEAF_MAX`.
+        unsafe { self.objs.get_unchecked(n as usize) }.store(obj, Relaxed);
+        self.count.store(n + 1, Relaxed);
+        Ok(())
     }
 
     /// Takes up to `out.len()` objects from the bottom (the coldest), keeping the order of the
