@@ -34,18 +34,19 @@ pub(crate) trait Sampler {
     fn sample(&mut self) -> f64;
 }
 
-/// The order-0 pair: iterations per sample calibrated during warm-up to last `sample_time`.
-pub(crate) struct PairSampler<S: PageSource> {
-    src: S,
+/// A loop whose iterations per sample are calibrated during warm-up to last `sample_time`
+/// (the pair cases). `f(n)` runs `n` operations.
+pub(crate) struct TimedSampler<F: FnMut(u64)> {
+    f: F,
     warmup_time: Duration,
     sample_time: Duration,
     iters: u64,
 }
 
-impl<S: PageSource> PairSampler<S> {
-    pub(crate) fn new(src: S, warmup_time: Duration, sample_time: Duration) -> Self {
-        PairSampler {
-            src,
+impl<F: FnMut(u64)> TimedSampler<F> {
+    pub(crate) fn new(f: F, warmup_time: Duration, sample_time: Duration) -> Self {
+        TimedSampler {
+            f,
             warmup_time,
             sample_time,
             iters: 0,
@@ -56,7 +57,7 @@ impl<S: PageSource> PairSampler<S> {
 /// Fewest operations in a timed sample, so that the timer's own cost stays negligible.
 const MIN_SAMPLE_OPS: u64 = 64;
 
-impl<S: PageSource> Sampler for PairSampler<S> {
+impl<F: FnMut(u64)> Sampler for TimedSampler<F> {
     fn warm_up(&mut self) -> u64 {
         // Double the batch until the warm-up time is spent; the last batch gives the rate.
         let start = Instant::now();
@@ -64,7 +65,7 @@ impl<S: PageSource> Sampler for PairSampler<S> {
         let mut rate;
         loop {
             let t = Instant::now();
-            pair_loop(&mut self.src, n);
+            (self.f)(n);
             rate = ns_per_op(t.elapsed(), n);
             if start.elapsed() >= self.warmup_time || n >= 1 << 30 {
                 break;
@@ -78,38 +79,59 @@ impl<S: PageSource> Sampler for PairSampler<S> {
 
     fn sample(&mut self) -> f64 {
         let t = Instant::now();
-        pair_loop(&mut self.src, self.iters);
+        (self.f)(self.iters);
         ns_per_op(t.elapsed(), self.iters)
     }
 }
 
-/// The churn: a fixed number of steps per sample, the same for every allocator, so each runs
-/// the same operation sequence.
-pub(crate) struct ChurnSampler<S: PageSource> {
-    churn: Churn<S>,
-    warmup_steps: u64,
-    steps: u64,
+/// A fixed amount of work per sample, the same for every allocator, so each runs the same
+/// operation sequence (the churns, the cross-thread free). `f(n)` runs `n` units of
+/// `ops_per_unit` operations each.
+pub(crate) struct FixedSampler<F: FnMut(u64)> {
+    f: F,
+    warmup_units: u64,
+    units: u64,
+    ops_per_unit: u64,
 }
 
-impl<S: PageSource> ChurnSampler<S> {
-    pub(crate) fn new(churn: Churn<S>, warmup_steps: u64, steps: u64) -> Self {
-        ChurnSampler {
-            churn,
-            warmup_steps,
-            steps: steps.max(1),
+impl<F: FnMut(u64)> FixedSampler<F> {
+    pub(crate) fn new(f: F, warmup_units: u64, units: u64, ops_per_unit: u64) -> Self {
+        FixedSampler {
+            f,
+            warmup_units,
+            units: units.max(1),
+            ops_per_unit: ops_per_unit.max(1),
         }
     }
 }
 
-impl<S: PageSource> Sampler for ChurnSampler<S> {
+impl<F: FnMut(u64)> Sampler for FixedSampler<F> {
     fn warm_up(&mut self) -> u64 {
-        self.churn.run(self.warmup_steps);
-        self.steps
+        (self.f)(self.warmup_units);
+        self.units * self.ops_per_unit
     }
 
     fn sample(&mut self) -> f64 {
         let t = Instant::now();
-        self.churn.run(self.steps);
-        ns_per_op(t.elapsed(), self.steps)
+        (self.f)(self.units);
+        ns_per_op(t.elapsed(), self.units * self.ops_per_unit)
     }
+}
+
+/// The order-0 pair on a page source: a [`TimedSampler`] over [`pair_loop`].
+pub(crate) fn pair_sampler<S: PageSource>(
+    mut src: S,
+    warmup_time: Duration,
+    sample_time: Duration,
+) -> TimedSampler<impl FnMut(u64)> {
+    TimedSampler::new(move |n| pair_loop(&mut src, n), warmup_time, sample_time)
+}
+
+/// The page churn: a [`FixedSampler`] over [`Churn::run`].
+pub(crate) fn churn_sampler<S: PageSource>(
+    mut churn: Churn<S>,
+    warmup_steps: u64,
+    steps: u64,
+) -> FixedSampler<impl FnMut(u64)> {
+    FixedSampler::new(move |n| churn.run(n), warmup_steps, steps, 1)
 }

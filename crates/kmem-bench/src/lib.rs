@@ -1,6 +1,6 @@
-//! Side-by-side benchmarks of kmem's page allocator against peer allocators.
+//! Side-by-side benchmarks of kmem against peer allocators, in the same process and run.
 //!
-//! Two cases, each run against every selected allocator in the same process and the same run:
+//! Page-allocator cases:
 //!
 //! * [`Case::Order0Pair`]: one order-0 allocation and its free (`alloc_pages(GFP_KERNEL, 0)`
 //!   then `__free_pages(p, 0)` for kmem; `alloc(1)`/`dealloc(f, 1)` for
@@ -11,34 +11,66 @@
 //!   operation sequence comes from a fixed-seed xorshift and is the same for every allocator.
 //!   `malloc`-style peers allocate `4096 << order` bytes, 4096-aligned.
 //!
+//! Slab and kmalloc cases (kmem against jemalloc, mimalloc and the system allocator through
+//! `GlobalAlloc` with `Layout::from_size_align(size, 8)`; see [`objsource`]):
+//!
+//! * [`Case::KmallocPair16`], [`Case::KmallocPair64`], [`Case::KmallocPair256`],
+//!   [`Case::KmallocPair1024`]: one `kmalloc(size, GFP_KERNEL)` and its `kfree` per operation.
+//! * [`Case::KmallocChurn`]: a working set of [`Options::kmalloc_working_set`] live objects of
+//!   sizes uniform in `8..=8192`; each step frees a random live object and allocates one of a
+//!   random size in its place (fixed-seed xorshift, the same sequence for every allocator).
+//! * [`Case::CachePair256`]: one `kmem_cache_alloc`/`kmem_cache_free` of a dedicated
+//!   (`SLAB_NO_MERGE`) 256-byte cache per operation; peers: the `slabmalloc` crate's
+//!   `SCAllocator<ObjectPage>` of 256-byte objects (fed 4 KiB pages from the system
+//!   allocator), and 256-byte `GlobalAlloc` pairs.
+//! * [`Case::CrossFree`]: two threads freeing each other's 64-byte objects: each allocates a
+//!   batch, hands it to the other through a lock-free ring ([`crossfree`]) and frees the
+//!   batch it receives. One operation is one object allocated on one thread and freed on the
+//!   other; ns/op is wall time over the objects of both threads.
+//!
 //! The harness ([`harness`]) warms every allocator up, then runs `rounds` rounds; in each
 //! round every allocator runs one timed sample, one after the other (kmem, then each peer), so
 //! drift on a shared machine affects all alike. The result per allocator is the median of its
-//! per-round ns/op; ratios are `peer / kmem` (above 1: kmem is faster).
+//! per-round ns/op; ratios are `peer / kmem` (above 1: kmem is faster). Each case runs the
+//! allocators of [`Case::allocators`] that [`Options::allocators`] selects.
 //!
 //! [`run`] returns a [`Report`], printable as a table (`Display`) or as CSV
 //! ([`Report::to_csv`]). The `kmem-bench` binary runs it with defaults; `kmem-pair` does a
-//! fixed number of pairs for instruction counting under callgrind.
+//! fixed number of pairs (order-0, kmalloc or cache) for instruction counting under
+//! callgrind (`callgrind-pairs.sh`).
 //!
 //! kmem runs on a [`Machine`] booted for each case (by default 256 MiB, 2 vCPUs); the
 //! benchmarking thread takes a vCPU at its first allocation and keeps it, as a pinned kernel
-//! thread would. `buddy_system_allocator` is seeded with as many frames as kmem manages
-//! ([`Allocator::Buddy`]) and, as a second row, with the largest power of two of frames not
-//! above that ([`Allocator::BuddyPow2`]): its pair cost depends on that seeding (an odd count
-//! leaves a free order-0 block, and a pair is a set remove and insert; a single block makes
-//! every pair split and merge all the way). The targets use [`Allocator::Buddy`].
+//! thread would (the cross-free worker takes the other). `buddy_system_allocator` is seeded
+//! with as many frames as kmem manages ([`Allocator::Buddy`]) and, as a second row, with the
+//! largest power of two of frames not above that ([`Allocator::BuddyPow2`]): its pair cost
+//! depends on that seeding (an odd count leaves a free order-0 block, and a pair is a set
+//! remove and insert; a single block makes every pair split and merge all the way). The
+//! targets use [`Allocator::Buddy`].
+//!
+//! After each case every object and block is freed, the kmalloc caches are shrunk and the
+//! per-CPU page lists drained: kmem's free page count must be back where it started, its
+//! free lists and slabs consistent, and no bad free reported.
 
+pub mod crossfree;
 pub mod harness;
+pub mod objsource;
+pub mod objwork;
 pub mod report;
 pub mod source;
 pub mod workload;
 
 use std::fmt;
+use std::hint::black_box;
 use std::time::Duration;
 
+use kmem::kmalloc::{KmallocType, NR_KMALLOC_INDEX};
+use kmem::slab::SlabFlags;
 use kmem_hosted::{Machine, MachineConfig, MachineError};
 
-use harness::{ChurnSampler, PairSampler, Sampler, median};
+use harness::{FixedSampler, Sampler, TimedSampler, churn_sampler, median, pair_sampler};
+use objsource::{KmallocSource, KmemCacheSource, ObjSource, SlabmallocSource};
+use objwork::{ObjChurn, obj_pair_loop};
 pub use report::{CaseReport, Environment, Measurement, Report, Target};
 use source::{BuddySource, KmemSource, PageSource};
 use workload::Churn;
@@ -50,23 +82,137 @@ pub enum Case {
     Order0Pair,
     /// One free of a random live block and one allocation of a random order per operation.
     Churn,
+    /// One 16-byte kmalloc+kfree pair per operation.
+    KmallocPair16,
+    /// One 64-byte kmalloc+kfree pair per operation.
+    KmallocPair64,
+    /// One 256-byte kmalloc+kfree pair per operation.
+    KmallocPair256,
+    /// One 1024-byte kmalloc+kfree pair per operation.
+    KmallocPair1024,
+    /// One free of a random live object and one kmalloc of a random size (8..=8192) per
+    /// operation, over a working set of live objects.
+    KmallocChurn,
+    /// One kmem_cache_alloc+kmem_cache_free pair of a 256-byte cache per operation.
+    CachePair256,
+    /// One 64-byte object allocated on one thread and freed on the other per operation.
+    CrossFree,
 }
+
+/// Object size of [`Case::CachePair256`].
+pub const CACHE_OBJECT_SIZE: usize = 256;
+/// Object size of [`Case::CrossFree`].
+pub const CROSS_FREE_SIZE: usize = 64;
+
+const PAGE_PEERS: &[Allocator] = &[
+    Allocator::Kmem,
+    Allocator::Buddy,
+    Allocator::BuddyPow2,
+    Allocator::Jemalloc,
+    Allocator::Mimalloc,
+    Allocator::System,
+];
+const MALLOC_PEERS: &[Allocator] = &[
+    Allocator::Kmem,
+    Allocator::Jemalloc,
+    Allocator::Mimalloc,
+    Allocator::System,
+];
+const CACHE_PEERS: &[Allocator] = &[
+    Allocator::Kmem,
+    Allocator::Slabmalloc,
+    Allocator::Jemalloc,
+    Allocator::Mimalloc,
+    Allocator::System,
+];
 
 impl Case {
     /// Every case, in report order.
-    pub const ALL: [Case; 2] = [Case::Order0Pair, Case::Churn];
+    pub const ALL: [Case; 9] = [
+        Case::Order0Pair,
+        Case::Churn,
+        Case::KmallocPair16,
+        Case::KmallocPair64,
+        Case::KmallocPair256,
+        Case::KmallocPair1024,
+        Case::KmallocChurn,
+        Case::CachePair256,
+        Case::CrossFree,
+    ];
 
-    /// Short name, as in the table and the CSV.
+    /// The page-allocator cases.
+    pub const PAGE: [Case; 2] = [Case::Order0Pair, Case::Churn];
+
+    /// The slab and kmalloc cases.
+    pub const SLAB: [Case; 7] = [
+        Case::KmallocPair16,
+        Case::KmallocPair64,
+        Case::KmallocPair256,
+        Case::KmallocPair1024,
+        Case::KmallocChurn,
+        Case::CachePair256,
+        Case::CrossFree,
+    ];
+
+    /// Short name, as in the table, the CSV and `--case`.
     pub fn name(self) -> &'static str {
         match self {
             Case::Order0Pair => "order0-pair",
             Case::Churn => "churn",
+            Case::KmallocPair16 => "kmalloc-pair-16",
+            Case::KmallocPair64 => "kmalloc-pair-64",
+            Case::KmallocPair256 => "kmalloc-pair-256",
+            Case::KmallocPair1024 => "kmalloc-pair-1024",
+            Case::KmallocChurn => "kmalloc-churn",
+            Case::CachePair256 => "cache-pair-256",
+            Case::CrossFree => "cross-free",
         }
     }
 
     /// The case named `name` (see [`Case::name`]).
     pub fn from_name(name: &str) -> Option<Case> {
         Case::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    /// The cases `name` stands for: one case by name, or a group: `page` ([`Case::PAGE`]),
+    /// `slab` ([`Case::SLAB`]) or `all`.
+    pub fn group(name: &str) -> Option<Vec<Case>> {
+        match name {
+            "all" => Some(Case::ALL.to_vec()),
+            "page" => Some(Case::PAGE.to_vec()),
+            "slab" => Some(Case::SLAB.to_vec()),
+            _ => Case::from_name(name).map(|c| vec![c]),
+        }
+    }
+
+    /// The size of a kmalloc pair case.
+    pub fn kmalloc_pair_size(self) -> Option<usize> {
+        match self {
+            Case::KmallocPair16 => Some(16),
+            Case::KmallocPair64 => Some(64),
+            Case::KmallocPair256 => Some(256),
+            Case::KmallocPair1024 => Some(1024),
+            _ => None,
+        }
+    }
+
+    /// True for the slab and kmalloc cases.
+    pub fn is_slab(self) -> bool {
+        !matches!(self, Case::Order0Pair | Case::Churn)
+    }
+
+    /// The allocators this case can run, kmem first.
+    pub fn allocators(self) -> &'static [Allocator] {
+        match self {
+            Case::Order0Pair | Case::Churn => PAGE_PEERS,
+            Case::CachePair256 => CACHE_PEERS,
+            _ => MALLOC_PEERS,
+        }
+    }
+
+    /// Whether this case can run `a`.
+    pub fn runs(self, a: Allocator) -> bool {
+        self.allocators().contains(&a)
     }
 }
 
@@ -79,7 +225,7 @@ impl fmt::Display for Case {
 /// An allocator under test.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
 pub enum Allocator {
-    /// kmem's page allocator on a hosted machine.
+    /// kmem on a hosted machine (its page allocator, kmalloc or a slab cache, per case).
     Kmem,
     /// `buddy_system_allocator::FrameAllocator` (default `ORDER`), seeded with frames `0..n`
     /// where `n` is the number of frames kmem manages.
@@ -87,6 +233,8 @@ pub enum Allocator {
     /// The same, seeded with the largest power of two of frames not above `n`: one free
     /// block, so every order-0 pair of the pair case splits and merges all the way.
     BuddyPow2,
+    /// The `slabmalloc` crate's `SCAllocator<ObjectPage>` (cache case only).
+    Slabmalloc,
     /// jemalloc through `tikv-jemallocator`.
     Jemalloc,
     /// mimalloc through the `mimalloc` crate.
@@ -97,10 +245,11 @@ pub enum Allocator {
 
 impl Allocator {
     /// Every allocator, kmem first, in report order.
-    pub const ALL: [Allocator; 6] = [
+    pub const ALL: [Allocator; 7] = [
         Allocator::Kmem,
         Allocator::Buddy,
         Allocator::BuddyPow2,
+        Allocator::Slabmalloc,
         Allocator::Jemalloc,
         Allocator::Mimalloc,
         Allocator::System,
@@ -112,6 +261,7 @@ impl Allocator {
             Allocator::Kmem => "kmem",
             Allocator::Buddy => "buddy_system_allocator",
             Allocator::BuddyPow2 => "buddy-pow2",
+            Allocator::Slabmalloc => "slabmalloc",
             Allocator::Jemalloc => "jemalloc",
             Allocator::Mimalloc => "mimalloc",
             Allocator::System => "system",
@@ -138,17 +288,27 @@ impl fmt::Display for Allocator {
 pub struct Options {
     /// Timed rounds per case; each allocator's result is the median over them.
     pub rounds: usize,
-    /// Order-0 pair: warm-up time per allocator (also used to calibrate the sample size).
+    /// Pair cases: warm-up time per allocator (also used to calibrate the sample size).
     pub warmup_time: Duration,
-    /// Order-0 pair: target duration of one timed sample.
+    /// Pair cases: target duration of one timed sample.
     pub sample_time: Duration,
-    /// Churn: blocks in the working set.
+    /// Page churn: blocks in the working set.
     pub working_set: usize,
-    /// Churn: untimed steps after filling the working set.
+    /// Both churns: untimed steps after filling the working set.
     pub churn_warmup_steps: u64,
-    /// Churn: steps per timed sample (the same for every allocator).
+    /// Both churns: steps per timed sample (the same for every allocator).
     pub churn_steps: u64,
-    /// Seed of the churn's operation sequence.
+    /// kmalloc churn: objects in the working set.
+    pub kmalloc_working_set: usize,
+    /// Cross-free: objects per batch handed from one thread to the other.
+    pub cross_batch: usize,
+    /// Cross-free: batches each ring holds (how far a thread may run ahead).
+    pub cross_ring: usize,
+    /// Cross-free: untimed batches per thread.
+    pub cross_warmup_batches: u64,
+    /// Cross-free: batches per thread per timed sample (the same for every allocator).
+    pub cross_batches: u64,
+    /// Seed of the churns' operation sequences.
     pub seed: u64,
     /// RAM of kmem's machine, in bytes.
     pub machine_ram: u64,
@@ -160,12 +320,14 @@ pub struct Options {
     pub buddy_frames: Option<usize>,
     /// Cases to run, in order.
     pub cases: Vec<Case>,
-    /// Allocators to run, in the order they run within a round (ratios need [`Allocator::Kmem`]).
+    /// Allocators to run, in the order they run within a round (ratios need
+    /// [`Allocator::Kmem`]); each case runs those it supports ([`Case::allocators`]).
     pub allocators: Vec<Allocator>,
 }
 
 impl Default for Options {
-    /// The full run: 7 rounds of 20 ms pair samples and 200 000 churn steps.
+    /// The full run: 7 rounds of 20 ms pair samples, 200 000 churn steps and 2 000 cross-free
+    /// batches of 64 objects per thread per sample.
     fn default() -> Options {
         Options {
             rounds: 7,
@@ -174,6 +336,11 @@ impl Default for Options {
             working_set: 1000,
             churn_warmup_steps: 100_000,
             churn_steps: 200_000,
+            kmalloc_working_set: 10_000,
+            cross_batch: 64,
+            cross_ring: 4,
+            cross_warmup_batches: 1000,
+            cross_batches: 2000,
             seed: 0x6b6d_656d_6265_6e63,
             machine_ram: 256 << 20,
             machine_cpus: 2,
@@ -185,14 +352,17 @@ impl Default for Options {
 }
 
 impl Options {
-    /// A short run for CI smoke tests: 3 rounds, about a tenth of the work.
+    /// A short run for CI smoke tests: 3 rounds, a tenth to a twentieth of the work (every
+    /// case, well under 2 s in a release build).
     pub fn quick() -> Options {
         Options {
             rounds: 3,
-            warmup_time: Duration::from_millis(5),
+            warmup_time: Duration::from_millis(3),
             sample_time: Duration::from_millis(2),
             churn_warmup_steps: 5_000,
             churn_steps: 10_000,
+            cross_warmup_batches: 20,
+            cross_batches: 50,
             ..Options::default()
         }
     }
@@ -258,17 +428,35 @@ pub fn run(opts: &Options) -> Result<Report, BenchError> {
     run_with_progress(opts, |_| {})
 }
 
-/// As [`run`], calling `progress` after each step (for a progress display).
-pub fn run_with_progress(
-    opts: &Options,
-    mut progress: impl FnMut(&Progress),
-) -> Result<Report, BenchError> {
+fn check_options(opts: &Options) -> Result<(), BenchError> {
     if opts.rounds == 0 {
         return Err(BenchError::Options("rounds must be at least 1"));
     }
     if opts.working_set == 0 || opts.working_set > u32::MAX as usize {
         return Err(BenchError::Options("working set out of range"));
     }
+    if opts.kmalloc_working_set == 0 || opts.kmalloc_working_set > u32::MAX as usize {
+        return Err(BenchError::Options("kmalloc working set out of range"));
+    }
+    if opts.cross_batch == 0 || opts.cross_batch > 1 << 16 {
+        return Err(BenchError::Options(
+            "cross-free batch out of range (1..=65536)",
+        ));
+    }
+    if opts.cross_ring == 0 || opts.cross_ring > 1 << 10 {
+        return Err(BenchError::Options(
+            "cross-free ring out of range (1..=1024)",
+        ));
+    }
+    Ok(())
+}
+
+/// As [`run`], calling `progress` after each step (for a progress display).
+pub fn run_with_progress(
+    opts: &Options,
+    mut progress: impl FnMut(&Progress),
+) -> Result<Report, BenchError> {
+    check_options(opts)?;
     let config = MachineConfig::x86_64(opts.machine_ram).with_cpus(opts.machine_cpus);
     let mut env = None;
     let mut cases = Vec::new();
@@ -276,11 +464,11 @@ pub fn run_with_progress(
         let machine = Machine::boot(config.clone()).map_err(BenchError::Boot)?;
         let kmem_frames = machine.totalram_pages();
         let frames = opts.buddy_frames.unwrap_or(kmem_frames);
-        machine.drain_all_pages();
+        settle(&machine);
         let free_at_boot = machine.nr_free_pages();
         env.get_or_insert_with(|| Environment::new(opts, kmem_frames));
         progress(&Progress::CaseStarted { case });
-        cases.push(run_case(case, opts, &machine, frames, &mut progress));
+        cases.push(run_case(case, opts, &machine, frames, &mut progress)?);
         check_machine(&machine, free_at_boot)?;
     }
     let env = match env {
@@ -293,16 +481,64 @@ pub fn run_with_progress(
     Ok(Report::new(opts.clone(), env, cases))
 }
 
-/// Boxes the sampler of `case` over `src`.
-fn sampler<'a, S: PageSource + 'a>(case: Case, src: S, opts: &Options) -> Box<dyn Sampler + 'a> {
+/// Boxes the page-case sampler of `case` over `src`.
+fn page_sampler<'a, S: PageSource + 'a>(
+    case: Case,
+    src: S,
+    opts: &Options,
+) -> Box<dyn Sampler + 'a> {
     match case {
-        Case::Order0Pair => Box::new(PairSampler::new(src, opts.warmup_time, opts.sample_time)),
-        Case::Churn => Box::new(ChurnSampler::new(
+        Case::Churn => Box::new(churn_sampler(
             Churn::new(src, opts.working_set, opts.seed),
             opts.churn_warmup_steps,
             opts.churn_steps,
         )),
+        _ => Box::new(pair_sampler(src, opts.warmup_time, opts.sample_time)),
     }
+}
+
+/// Boxes the single-thread object-case sampler of `case` over `src`.
+fn obj_sampler<'a, S: ObjSource + 'a>(
+    case: Case,
+    mut src: S,
+    opts: &Options,
+) -> Box<dyn Sampler + 'a> {
+    match case {
+        Case::KmallocChurn => {
+            let mut churn = ObjChurn::new(src, opts.kmalloc_working_set, opts.seed);
+            Box::new(FixedSampler::new(
+                move |n| churn.run(n),
+                opts.churn_warmup_steps,
+                opts.churn_steps,
+                1,
+            ))
+        }
+        _ => {
+            let size = case.kmalloc_pair_size().unwrap_or(CACHE_OBJECT_SIZE);
+            Box::new(TimedSampler::new(
+                move |n| obj_pair_loop(&mut src, black_box(size), n),
+                opts.warmup_time,
+                opts.sample_time,
+            ))
+        }
+    }
+}
+
+/// Boxes the cross-free sampler over `a` (this thread) and `b` (a worker in `scope`).
+fn cross_sampler<'scope, 'env, S: ObjSource + Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    a: S,
+    b: S,
+    opts: &Options,
+) -> Box<dyn Sampler + 'scope> {
+    let params = crossfree::CrossFreeParams {
+        size: CROSS_FREE_SIZE,
+        batch: opts.cross_batch,
+        ring: opts.cross_ring,
+        warmup_batches: opts.cross_warmup_batches,
+        batches: opts.cross_batches,
+    };
+    Box::new(crossfree::cross_free_sampler(scope, a, b, params))
 }
 
 fn run_case(
@@ -311,22 +547,123 @@ fn run_case(
     machine: &Machine,
     frames: usize,
     progress: &mut impl FnMut(&Progress),
-) -> CaseReport {
-    let mut samplers: Vec<(Allocator, Box<dyn Sampler + '_>)> = opts
+) -> Result<CaseReport, BenchError> {
+    let allocators: Vec<Allocator> = opts
         .allocators
         .iter()
-        .map(|&a| {
-            let s = match a {
-                Allocator::Kmem => sampler(case, KmemSource::new(machine.pages()), opts),
-                Allocator::Buddy => sampler(case, BuddySource::new(frames), opts),
-                Allocator::BuddyPow2 => sampler(case, BuddySource::new(pow2_floor(frames)), opts),
-                Allocator::Jemalloc => sampler(case, source::jemalloc(), opts),
-                Allocator::Mimalloc => sampler(case, source::mimalloc(), opts),
-                Allocator::System => sampler(case, source::system(), opts),
-            };
-            (a, s)
-        })
+        .copied()
+        .filter(|&a| case.runs(a))
         .collect();
+    let kmem = machine.kmem();
+    let report = match case {
+        Case::Order0Pair | Case::Churn => {
+            let samplers = allocators
+                .iter()
+                .map(|&a| {
+                    let s = match a {
+                        Allocator::Kmem => {
+                            page_sampler(case, KmemSource::new(machine.pages()), opts)
+                        }
+                        Allocator::Buddy => page_sampler(case, BuddySource::new(frames), opts),
+                        Allocator::BuddyPow2 => {
+                            page_sampler(case, BuddySource::new(pow2_floor(frames)), opts)
+                        }
+                        Allocator::Jemalloc => page_sampler(case, source::jemalloc(), opts),
+                        Allocator::Mimalloc => page_sampler(case, source::mimalloc(), opts),
+                        Allocator::System => page_sampler(case, source::system(), opts),
+                        Allocator::Slabmalloc => unreachable!("not a page allocator"),
+                    };
+                    (a, s)
+                })
+                .collect();
+            measure(case, samplers, opts, progress)
+        }
+        Case::CrossFree => std::thread::scope(|scope| {
+            let samplers = allocators
+                .iter()
+                .map(|&a| {
+                    let s = match a {
+                        Allocator::Kmem => cross_sampler(
+                            scope,
+                            KmallocSource::new(kmem),
+                            KmallocSource::new(kmem),
+                            opts,
+                        ),
+                        Allocator::Jemalloc => {
+                            cross_sampler(scope, source::jemalloc(), source::jemalloc(), opts)
+                        }
+                        Allocator::Mimalloc => {
+                            cross_sampler(scope, source::mimalloc(), source::mimalloc(), opts)
+                        }
+                        Allocator::System => {
+                            cross_sampler(scope, source::system(), source::system(), opts)
+                        }
+                        _ => unreachable!("{a} does not run {case}"),
+                    };
+                    (a, s)
+                })
+                .collect();
+            // The samplers (and so the workers' command channels) are dropped inside
+            // `measure`: the workers end before the scope joins them.
+            measure(case, samplers, opts, progress)
+        }),
+        _ => {
+            let cache = if case == Case::CachePair256 {
+                let c = kmem.kmem_cache_create(
+                    "bench-256",
+                    CACHE_OBJECT_SIZE,
+                    8,
+                    SlabFlags::NO_MERGE,
+                    None,
+                );
+                Some(c.ok_or(BenchError::Kmem(
+                    "kmem_cache_create(bench-256) failed".into(),
+                ))?)
+            } else {
+                None
+            };
+            let samplers = allocators
+                .iter()
+                .map(|&a| {
+                    let s = match a {
+                        Allocator::Kmem => match cache {
+                            Some(c) => obj_sampler(case, KmemCacheSource::new(kmem, c), opts),
+                            None => obj_sampler(case, KmallocSource::new(kmem), opts),
+                        },
+                        Allocator::Slabmalloc => {
+                            obj_sampler(case, SlabmallocSource::new(CACHE_OBJECT_SIZE), opts)
+                        }
+                        Allocator::Jemalloc => obj_sampler(case, source::jemalloc(), opts),
+                        Allocator::Mimalloc => obj_sampler(case, source::mimalloc(), opts),
+                        Allocator::System => obj_sampler(case, source::system(), opts),
+                        _ => unreachable!("{a} does not run {case}"),
+                    };
+                    (a, s)
+                })
+                .collect();
+            let report = measure(case, samplers, opts, progress);
+            if let Some(c) = cache {
+                // SAFETY: every object was freed when the samplers were dropped, and nothing
+                // uses the cache after this.
+                if !unsafe { kmem.kmem_cache_destroy(c) } {
+                    return Err(BenchError::Kmem(
+                        "kmem_cache_destroy(bench-256): objects remain".into(),
+                    ));
+                }
+            }
+            report
+        }
+    };
+    Ok(report)
+}
+
+/// Warms every sampler up, runs the rounds and drops the samplers (freeing what they hold).
+fn measure(
+    case: Case,
+    mut samplers: Vec<(Allocator, Box<dyn Sampler + '_>)>,
+    opts: &Options,
+    progress: &mut impl FnMut(&Progress),
+) -> CaseReport {
     let mut ops = Vec::new();
     for (allocator, s) in &mut samplers {
         let ops_per_round = s.warm_up();
@@ -352,12 +689,12 @@ fn run_case(
         }
     }
     let results = samplers
-        .iter()
+        .into_iter()
         .zip(samples)
         .zip(ops)
         .map(
             |(((allocator, _), samples_ns), ops_per_round)| Measurement {
-                allocator: *allocator,
+                allocator,
                 median_ns: median(&samples_ns),
                 min_ns: samples_ns.iter().copied().fold(f64::INFINITY, f64::min),
                 max_ns: samples_ns.iter().copied().fold(f64::NEG_INFINITY, f64::max),
@@ -377,11 +714,26 @@ pub fn pow2_floor(n: usize) -> usize {
     }
 }
 
-/// After a case (every block freed): kmem's lists and counters must be intact.
-fn check_machine(machine: &Machine, free_at_boot: usize) -> Result<(), BenchError> {
+/// Returns what kmem caches on the side: shrinks every kmalloc cache (which flushes every
+/// CPU's sheaves and frees empty slabs), then drains the per-CPU page lists.
+pub fn settle(machine: &Machine) {
+    let caches = machine.kmalloc_caches();
+    for t in [KmallocType::Normal, KmallocType::Reclaim, KmallocType::Dma] {
+        for index in 1..NR_KMALLOC_INDEX {
+            if let Some(c) = caches.cache(t, index) {
+                machine.kmem_cache_shrink(c);
+            }
+        }
+    }
     machine.drain_all_pages();
+}
+
+/// After a case (every block and object freed): kmem's lists, slabs and counters must be
+/// intact.
+fn check_machine(machine: &Machine, free_at_boot: usize) -> Result<(), BenchError> {
+    settle(machine);
     machine
-        .check_free_lists()
+        .validate()
         .map_err(|e| BenchError::Kmem(e.to_string()))?;
     let free = machine.nr_free_pages();
     if free != free_at_boot {
@@ -391,138 +743,11 @@ fn check_machine(machine: &Machine, free_at_boot: usize) -> Result<(), BenchErro
     }
     match machine.bad_page_reports() {
         0 => Ok(()),
-        n => Err(BenchError::Kmem(format!("{n} bad-page reports"))),
+        n => Err(BenchError::Kmem(format!(
+            "{n} bad-page or bad-free reports"
+        ))),
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::workload::{CHURN_ORDERS, XorShift64};
-
-    /// A run small enough for a debug-build unit test.
-    fn tiny() -> Options {
-        Options {
-            rounds: 3,
-            warmup_time: Duration::from_micros(200),
-            sample_time: Duration::from_micros(100),
-            working_set: 64,
-            churn_warmup_steps: 100,
-            churn_steps: 200,
-            machine_ram: 32 << 20,
-            ..Options::default()
-        }
-    }
-
-    #[test]
-    fn median_of_odd_even_and_empty() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert_eq!(median(&[7.0]), 7.0);
-        assert!(median(&[]).is_nan());
-        // An outlier moves the mean, not the median.
-        assert_eq!(median(&[10.0, 11.0, 1000.0, 9.0, 10.5]), 10.5);
-    }
-
-    #[test]
-    fn pow2_floor_and_names() {
-        assert_eq!(pow2_floor(0), 0);
-        assert_eq!(pow2_floor(1), 1);
-        assert_eq!(pow2_floor(65023), 32768);
-        assert_eq!(pow2_floor(65536), 65536);
-        for a in Allocator::ALL {
-            assert_eq!(Allocator::from_name(a.name()), Some(a));
-        }
-        for c in Case::ALL {
-            assert_eq!(Case::from_name(c.name()), Some(c));
-        }
-        assert_eq!(Allocator::from_name("buddy"), Some(Allocator::Buddy));
-        assert_eq!(Allocator::from_name("tcmalloc"), None);
-    }
-
-    #[test]
-    fn xorshift_is_deterministic_and_orders_mostly_zero() {
-        let mut a = XorShift64::new(42);
-        let mut b = XorShift64::new(42);
-        let mut per_order = [0usize; 4];
-        for _ in 0..16_000 {
-            let x = a.next();
-            assert_eq!(x, b.next());
-            per_order[CHURN_ORDERS[(x >> 60) as usize] as usize] += 1;
-        }
-        assert!(per_order[0] > 10_000 && per_order.iter().all(|&n| n > 0));
-        assert_ne!(XorShift64::new(0).next(), 0);
-    }
-
-    #[test]
-    fn churn_keeps_its_working_set_and_frees_it() {
-        let mut churn = Churn::new(source::system(), 100, 7);
-        churn.run(1000);
-        assert_eq!(churn.live_per_order().iter().sum::<usize>(), 100);
-        let machine = Machine::boot(MachineConfig::x86_64(32 << 20).with_cpus(2)).unwrap();
-        machine.drain_all_pages();
-        let free = machine.nr_free_pages();
-        {
-            let mut churn = Churn::new(KmemSource::new(machine.pages()), 100, 7);
-            churn.run(1000);
-        }
-        check_machine(&machine, free).unwrap();
-        assert!(machine.nr_free_pages() == free);
-    }
-
-    #[test]
-    fn tiny_run_completes_with_finite_positive_numbers() {
-        let opts = tiny();
-        let mut samples = 0;
-        let report = run_with_progress(&opts, |p| {
-            if let Progress::Sample { ns_per_op, .. } = p {
-                assert!(ns_per_op.is_finite() && *ns_per_op > 0.0);
-                samples += 1;
-            }
-        })
-        .unwrap();
-        let n_alloc = Allocator::ALL.len();
-        assert_eq!(samples, Case::ALL.len() * n_alloc * opts.rounds);
-        assert_eq!(report.cases.len(), Case::ALL.len());
-        for c in &report.cases {
-            assert_eq!(c.results.len(), n_alloc);
-            for m in &c.results {
-                assert_eq!(m.samples_ns.len(), opts.rounds);
-                for x in [m.median_ns, m.min_ns, m.max_ns] {
-                    assert!(x.is_finite() && x > 0.0, "{} {}: {x}", c.case, m.allocator);
-                }
-                assert!(m.min_ns <= m.median_ns && m.median_ns <= m.max_ns);
-                let r = c.ratio(m.allocator).unwrap();
-                assert!(r.is_finite() && r > 0.0);
-            }
-            assert_eq!(c.ratio(Allocator::Kmem), Some(1.0));
-        }
-        let churn = report.case(Case::Churn).unwrap();
-        assert!(churn.results.iter().all(|m| m.ops_per_round == 200));
-        assert!(report.targets.iter().all(|t| t.ratio.is_some()));
-        let csv = report.to_csv();
-        assert_eq!(csv.lines().count(), 1 + Case::ALL.len() * n_alloc);
-        assert!(csv.starts_with("case,allocator,median_ns,"));
-        let table = report.to_string();
-        assert!(table.contains("order0-pair") && table.contains("jemalloc"));
-        assert_eq!(table.matches("target: ").count(), 2);
-    }
-
-    #[test]
-    fn ratios_need_kmem_and_bad_options_are_refused() {
-        let opts = Options {
-            cases: vec![Case::Order0Pair],
-            allocators: vec![Allocator::Jemalloc],
-            ..tiny()
-        };
-        let report = run(&opts).unwrap();
-        assert_eq!(report.cases[0].ratio(Allocator::Jemalloc), None);
-        assert!(report.targets.iter().all(|t| t.met().is_none()));
-        assert!(report.targets_met());
-        let bad = Options {
-            rounds: 0,
-            ..tiny()
-        };
-        assert!(matches!(run(&bad), Err(BenchError::Options(_))));
-    }
-}
+mod tests;

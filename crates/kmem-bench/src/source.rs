@@ -104,6 +104,17 @@ impl<A: GlobalAlloc> GlobalAllocSource<A> {
     pub fn new(alloc: A, name: &'static str) -> GlobalAllocSource<A> {
         GlobalAllocSource { alloc, name }
     }
+
+    /// The allocator.
+    #[inline(always)]
+    pub fn allocator(&self) -> &A {
+        &self.alloc
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
 }
 
 /// jemalloc (`tikv-jemallocator`).

@@ -1,11 +1,18 @@
-//! Runs kmem's page-allocator benchmarks against the peers and prints the table.
+//! Runs kmem's page-allocator, slab and kmalloc benchmarks against the peers and prints the
+//! table.
 //!
 //! ```text
 //! cargo run --release -p kmem-bench                         # full run (about a minute)
-//! cargo run --release -p kmem-bench -- --quick              # CI smoke run (seconds)
+//! cargo run --release -p kmem-bench -- --quick              # CI smoke run (under 2 s)
 //! cargo run --release -p kmem-bench -- --csv bench.csv      # also write the CSV
 //! cargo run --release -p kmem-bench -- --case order0-pair --alloc kmem --alloc jemalloc
+//! cargo run --release -p kmem-bench -- --case slab          # every slab/kmalloc case
+//! cargo run --release -p kmem-bench -- --case kmalloc-pair-64 --case cross-free
 //! ```
+//!
+//! Cases: order0-pair, churn (group `page`); kmalloc-pair-16, kmalloc-pair-64,
+//! kmalloc-pair-256, kmalloc-pair-1024, kmalloc-churn, cache-pair-256, cross-free (group
+//! `slab`); `all`.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -14,8 +21,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use kmem_bench::{Allocator, Case, Options, Progress};
 
-/// kmem's page allocator against buddy_system_allocator, jemalloc, mimalloc and the system
-/// allocator, in the same run.
+/// kmem's page allocator, kmalloc and slab caches against buddy_system_allocator, slabmalloc,
+/// jemalloc, mimalloc and the system allocator, in the same run.
 #[derive(Parser, Debug)]
 #[command(name = "kmem-bench")]
 struct Args {
@@ -28,13 +35,24 @@ struct Args {
     /// Rounds (default 7, 3 with --quick).
     #[arg(long)]
     rounds: Option<usize>,
-    /// Run only these cases (order0-pair, churn); repeatable.
+    /// Run only these cases (order0-pair, churn, kmalloc-pair-16, kmalloc-pair-64,
+    /// kmalloc-pair-256, kmalloc-pair-1024, kmalloc-churn, cache-pair-256, cross-free) or
+    /// groups (page, slab, all); repeatable.
     #[arg(long = "case", value_parser = parse_case)]
-    cases: Vec<Case>,
-    /// Run only these allocators (kmem, buddy, buddy-pow2, jemalloc, mimalloc, system);
-    /// repeatable.
+    cases: Vec<Vec<Case>>,
+    /// Run only these allocators (kmem, buddy, buddy-pow2, slabmalloc, jemalloc, mimalloc,
+    /// system); repeatable. Each case runs those it supports.
     #[arg(long = "alloc", value_parser = parse_alloc)]
     allocators: Vec<Allocator>,
+    /// Cross-free: objects per batch (default 64).
+    #[arg(long, value_name = "N")]
+    cross_batch: Option<usize>,
+    /// Cross-free: batches per thread per timed sample (default 2000, 50 with --quick).
+    #[arg(long, value_name = "N")]
+    cross_batches: Option<u64>,
+    /// kmalloc churn: live objects (default 10000).
+    #[arg(long, value_name = "N")]
+    kmalloc_working_set: Option<usize>,
     /// Seed buddy_system_allocator with frames 0..N instead of as many as kmem manages.
     #[arg(long, value_name = "N")]
     buddy_frames: Option<usize>,
@@ -46,13 +64,22 @@ struct Args {
     check_targets: bool,
 }
 
-fn parse_case(s: &str) -> Result<Case, String> {
-    Case::from_name(s).ok_or_else(|| format!("unknown case {s:?} (order0-pair, churn)"))
+fn parse_case(s: &str) -> Result<Vec<Case>, String> {
+    Case::group(s).ok_or_else(|| {
+        let names: Vec<&str> = Case::ALL.iter().map(|c| c.name()).collect();
+        format!(
+            "unknown case {s:?} ({}, or a group: page, slab, all)",
+            names.join(", ")
+        )
+    })
 }
 
 fn parse_alloc(s: &str) -> Result<Allocator, String> {
     Allocator::from_name(s).ok_or_else(|| {
-        format!("unknown allocator {s:?} (kmem, buddy, buddy-pow2, jemalloc, mimalloc, system)")
+        format!(
+            "unknown allocator {s:?} (kmem, buddy, buddy-pow2, slabmalloc, jemalloc, mimalloc, \
+             system)"
+        )
     })
 }
 
@@ -70,7 +97,21 @@ fn main() -> ExitCode {
         opts.buddy_frames = args.buddy_frames;
     }
     if !args.cases.is_empty() {
-        opts.cases = args.cases.clone();
+        opts.cases = Vec::new();
+        for c in args.cases.iter().flatten() {
+            if !opts.cases.contains(c) {
+                opts.cases.push(*c);
+            }
+        }
+    }
+    if let Some(n) = args.cross_batch {
+        opts.cross_batch = n;
+    }
+    if let Some(n) = args.cross_batches {
+        opts.cross_batches = n;
+    }
+    if let Some(n) = args.kmalloc_working_set {
+        opts.kmalloc_working_set = n;
     }
     if !args.allocators.is_empty() {
         opts.allocators = args.allocators.clone();
