@@ -107,6 +107,21 @@ pub trait Platform: Send + Sync {
     /// *Fast.* Pins the caller to its current CPU and disables preemption (`get_cpu()`).
     fn cpu_guard(&self) -> Self::Guard<'_>;
 
+    /// *Fast.* Runs `f(cpu, nested)` pinned to the current CPU with preemption disabled: the
+    /// closure form of [`Platform::cpu_guard`] for the allocators' innermost fast paths,
+    /// which a platform may implement with less bookkeeping than a guard. `nested` is true
+    /// when the caller was already in atomic context.
+    ///
+    /// # Safety
+    ///
+    /// `f` must not take a CPU guard (`cpu_guard`, `lock_cpu`, `this_cpu`), call
+    /// `in_atomic`, or sleep: a platform may run it without recording the section.
+    #[inline(always)]
+    unsafe fn this_cpu<R>(&self, f: impl FnOnce(usize, bool) -> R) -> R {
+        let g = self.cpu_guard();
+        f(g.cpu(), g.nested())
+    }
+
     /// Runs on behalf of `cpu`: returns that CPU's guard, waiting until its current holder
     /// leaves its section. Used on slow paths only (draining a remote CPU's lists).
     ///

@@ -390,6 +390,12 @@ impl Platform for HostedPlatform {
         self.cpus.guard()
     }
 
+    #[inline(always)]
+    unsafe fn this_cpu<R>(&self, f: impl FnOnce(usize, bool) -> R) -> R {
+        // SAFETY: the caller's contract is the one `CpuSet::with_cpu` needs.
+        unsafe { self.cpus.with_cpu(f) }
+    }
+
     fn lock_cpu(&self, cpu: usize) -> HostedGuard<'_> {
         self.cpus.lock(cpu)
     }

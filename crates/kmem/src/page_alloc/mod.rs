@@ -162,7 +162,13 @@ impl<P: Platform> PageAlloc<P> {
     /// The current CPU's lists for zone `zone`: the guard proves which CPU that is.
     #[inline(always)]
     fn this_pcp(&self, guard: &P::Guard<'_>, zone: usize) -> &PerCpuPages {
-        let cpu = guard.cpu();
+        self.pcp_of(guard.cpu(), zone)
+    }
+
+    /// CPU `cpu`'s lists for zone `zone`, for a caller running on that CPU (in a guard
+    /// section or a `this_cpu` closure).
+    #[inline(always)]
+    fn pcp_of(&self, cpu: usize, zone: usize) -> &PerCpuPages {
         debug_assert!(cpu < self.nr_cpus && zone < MAX_NR_ZONES);
         // SAFETY: a guard's CPU is below `nr_cpu_ids()` (platform contract) and `zone` is a
         // zone index, so the entry is inside the `nr_cpus * MAX_NR_ZONES` array built at boot.
@@ -347,15 +353,22 @@ impl<P: Platform> PageAlloc<P> {
 
     #[inline(always)]
     fn rmqueue_pcplist(&self, zone: &Zone, zi: usize, order: u32, gfp: Gfp) -> Option<u32> {
-        let guard = self.platform.cpu_guard();
-        if guard.nested() && gfpflags_allow_blocking(gfp) {
+        // SAFETY: the closure touches this CPU's lists and, to refill them, the zone lock: it
+        // takes no guard and never sleeps.
+        let (got, nested) = unsafe {
+            self.platform.this_cpu(|cpu, nested| {
+                let pcp = self.pcp_of(cpu, zi);
+                let got = match pcp.pop(&self.mm, order) {
+                    Some(idx) => Some(idx),
+                    None => pcp.refill_and_pop(zone, &self.mm, order),
+                };
+                (got, nested)
+            })
+        };
+        if nested && gfpflags_allow_blocking(gfp) {
             self.report_atomic_sleep();
         }
-        let pcp = self.this_pcp(&guard, zi);
-        match pcp.pop(&self.mm, order) {
-            Some(idx) => Some(idx),
-            None => pcp.refill_and_pop(zone, &self.mm, order),
-        }
+        got
     }
 
     #[cold]
@@ -487,12 +500,17 @@ impl<P: Platform> PageAlloc<P> {
     fn free_block(&self, idx: u32, order: u32, zi: usize) {
         let zone = &self.zones[zi];
         if order <= PCP_MAX_ORDER {
-            let guard = self.platform.cpu_guard();
-            let pcp = self.this_pcp(&guard, zi);
-            pcp.push(&self.mm, idx, order);
-            if pcp.count() >= zone.pcp_high {
-                pcp.drain(zone, &self.mm, zone.pcp_batch);
-            }
+            // SAFETY: the closure touches this CPU's lists and, to drain them, the zone lock:
+            // it takes no guard and never sleeps.
+            unsafe {
+                self.platform.this_cpu(|cpu, _| {
+                    let pcp = self.pcp_of(cpu, zi);
+                    pcp.push(&self.mm, idx, order);
+                    if pcp.count() >= zone.pcp_high {
+                        pcp.drain(zone, &self.mm, zone.pcp_batch);
+                    }
+                })
+            };
         } else {
             self.mm.at(idx).set_state(0);
             let mut fl = zone.lock.lock();

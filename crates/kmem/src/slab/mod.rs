@@ -275,10 +275,11 @@ impl SlabAllocator {
         s: &KmemCache,
         gfp: Gfp,
     ) -> Option<NonNull<u8>> {
-        let guard = pa.platform().cpu_guard();
-        let obj = sheaf_of(s, &guard).pop();
-        let nested = guard.nested();
-        drop(guard);
+        // SAFETY: the closure only pops this CPU's sheaf: it takes no guard and never sleeps.
+        let (obj, nested) = unsafe {
+            pa.platform()
+                .this_cpu(|cpu, nested| (s.sheaf(cpu).pop(), nested))
+        };
         let obj = match obj {
             Some(o) => o,
             None => self.alloc_slow(pa, s, gfp)?,
@@ -466,27 +467,23 @@ impl SlabAllocator {
         s: &KmemCache,
         obj: *mut u8,
     ) {
-        let guard = pa.platform().cpu_guard();
-        match sheaf_of(s, &guard).push_checked(obj, s.sheaf_cap) {
+        // SAFETY: the closure only pushes onto this CPU's sheaf: no guard, no sleep.
+        let pushed = unsafe {
+            pa.platform()
+                .this_cpu(|cpu, _| s.sheaf(cpu).push_checked(obj, s.sheaf_cap))
+        };
+        match pushed {
             Ok(()) => {}
-            Err(false) => self.free_slow(pa, s, obj, guard),
-            Err(true) => {
-                drop(guard);
-                self.report_free(pa, s.name(), obj, format_args!("double free detected"));
-            }
+            Err(false) => self.free_slow(pa, s, obj),
+            Err(true) => self.report_free(pa, s.name(), obj, format_args!("double free detected")),
         }
     }
 
     /// Flushes the colder half of a full sheaf to the slabs, then keeps `obj`.
     #[cold]
     #[inline(never)]
-    fn free_slow<P: Platform>(
-        &self,
-        pa: &PageAlloc<P>,
-        s: &KmemCache,
-        obj: *mut u8,
-        guard: P::Guard<'_>,
-    ) {
+    fn free_slow<P: Platform>(&self, pa: &PageAlloc<P>, s: &KmemCache, obj: *mut u8) {
+        let guard = pa.platform().cpu_guard();
         let sheaf = sheaf_of(s, &guard);
         let mut batch = [core::ptr::null_mut(); SHEAF_MAX];
         let half = (s.sheaf_cap as usize / 2).max(1);

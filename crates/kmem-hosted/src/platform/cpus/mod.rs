@@ -93,6 +93,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering, compiler_fence};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
+use kmem::platform::CpuGuard as _;
 use rustix::thread::MembarrierCommand;
 
 mod thread;
@@ -354,6 +355,38 @@ impl CpuSet {
             }
         }
         self.guard_slow(t)
+    }
+
+    /// `this_cpu`: the guard's fast path without its bookkeeping. While `f` runs, the seat's
+    /// `busy` names the sticky vCPU exactly as during a guard section (so revokers wait for
+    /// it); the slot's counts are not touched, which is why `f` may not take a guard or ask
+    /// `in_atomic` (the caller's contract). Anything else goes through a real guard.
+    ///
+    /// # Safety
+    ///
+    /// `f` takes no guard of any machine, does not call `in_atomic` and does not sleep.
+    #[inline(always)]
+    pub(super) unsafe fn with_cpu<R>(&self, f: impl FnOnce(usize, bool) -> R) -> R {
+        let t = thread_state();
+        let s = t.first();
+        if s.id.get() == self.id && s.count.get() == 0 {
+            let v = s.sticky.get();
+            if !v.is_null() {
+                let seat = s.seat.get();
+                let cpu = s.sticky_cpu.get();
+                // SAFETY: as in `guard`: the slot is this machine's and the machine is alive.
+                let (seat_r, v_r) = unsafe { (&*seat, &*v) };
+                seat_r.busy.store(cpu + 1, Ordering::Release);
+                compiler_fence(Ordering::SeqCst);
+                if v_r.owner.load(Ordering::Acquire) == seat as u64 {
+                    let r = f(cpu as usize, false);
+                    seat_r.busy.store(0, Ordering::Release);
+                    return r;
+                }
+            }
+        }
+        let g = self.guard_slow(t);
+        f(g.cpu(), g.nested())
     }
 
     /// Out of line: everything but the [`GuardMode::Biased`] fast path. In
