@@ -10,6 +10,7 @@
 //! 4. [`slab`]: lookaside caches (`kmem_cache_*`), SLUB-style with per-CPU sheaves.
 //! 5. [`kmalloc`]: size classes over slab caches, large sizes from the page allocator.
 //! 7. [`report`]: `/proc/buddyinfo`, `zoneinfo`, `meminfo` and `slabinfo` in Linux's formats.
+//! 6. [`sg`]: scatter/gather tables and big buffers from the highest orders available.
 //! 8. [`boxed`]: typed owners (`KBox`, `KVec`, `KmemCache<T>`, `CacheBox`) that free on drop.
 //!
 //! [`Kmem::boot`] runs the kernel's boot order: memblock hands its
@@ -25,6 +26,7 @@ extern crate std;
 
 pub mod addr;
 pub mod boxed;
+pub mod cmdline;
 pub mod config;
 pub mod fmt_util;
 pub mod gfp;
@@ -34,6 +36,7 @@ pub mod memblock;
 pub mod page_alloc;
 pub mod platform;
 pub mod report;
+pub mod sg;
 pub mod slab;
 pub mod sync;
 
