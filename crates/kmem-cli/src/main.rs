@@ -56,6 +56,7 @@ enum ProcFile {
     Zoneinfo,
     Meminfo,
     Slabinfo,
+    Vmallocinfo,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -135,6 +136,7 @@ fn main() -> ExitCode {
                 ProcFile::Zoneinfo => "zoneinfo",
                 ProcFile::Meminfo => "meminfo",
                 ProcFile::Slabinfo => "slabinfo",
+                ProcFile::Vmallocinfo => "vmallocinfo",
             };
             let text = machine.proc(name).expect("known report");
             out.write_all(text.as_bytes()).map_err(|e| e.to_string())

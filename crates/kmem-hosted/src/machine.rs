@@ -319,9 +319,18 @@ impl Machine {
         s
     }
 
-    /// The report named as under `/proc` ("buddyinfo", "zoneinfo", "meminfo", "slabinfo").
+    /// `/proc/vmallocinfo`.
+    pub fn proc_vmallocinfo(&self) -> String {
+        let mut s = String::new();
+        report::vmallocinfo(&self.kmem, &mut s).expect("String never fails");
+        s
+    }
+
+    /// The report named as under `/proc` ("buddyinfo", "zoneinfo", "meminfo", "slabinfo",
+    /// "vmallocinfo").
     pub fn proc(&self, name: &str) -> Option<String> {
         match name {
+            "vmallocinfo" => Some(self.proc_vmallocinfo()),
             "buddyinfo" => Some(self.proc_buddyinfo()),
             "zoneinfo" => Some(self.proc_zoneinfo()),
             "meminfo" => Some(self.proc_meminfo()),

@@ -7,14 +7,18 @@
 use core::ops::Deref;
 use core::ptr::NonNull;
 
+use crate::addr::Pfn;
 use crate::config::Config;
 use crate::gfp::Gfp;
 use crate::kmalloc::Kmalloc;
 use crate::memblock::Memblock;
+use crate::page_alloc::page::Page;
 use crate::page_alloc::{BootError, PageAlloc};
+use crate::platform::PageProt;
 use crate::platform::Platform;
 use crate::slab::shrink::SlabShrinker;
 use crate::slab::{Ctor, KmemCache, KmemCacheArgs, SlabAllocator, SlabFlags};
+use crate::vmalloc::{VmCtx, VmFlags, VmStruct, Vmalloc};
 
 /// The memory-allocation subsystem of one machine.
 pub struct Kmem<P: Platform> {
@@ -22,6 +26,7 @@ pub struct Kmem<P: Platform> {
     slab: SlabAllocator,
     kmalloc: Kmalloc,
     shrinker: SlabShrinker<P>,
+    vmalloc: Vmalloc,
     boot_free_pages: usize,
 }
 
@@ -40,6 +45,12 @@ impl<P: Platform> Kmem<P> {
         if !kmalloc.create_caches(&slab, &pages) {
             return Err(BootError::NoBootMemory);
         }
+        // `vmalloc_init`: the vmap_area cache and one free area over the platform's range.
+        let vmalloc = Vmalloc::new(
+            pages.platform().vmalloc_range(),
+            VmCtx::new(&pages, &slab, &kmalloc),
+        )
+        .ok_or(BootError::NoBootMemory)?;
         // Boot leaves no page on a per-CPU list: the free lists hold all free memory.
         pages.drain_all_pages();
         let boot_free_pages = pages.nr_free_pages();
@@ -49,6 +60,7 @@ impl<P: Platform> Kmem<P> {
             slab,
             kmalloc,
             shrinker: SlabShrinker::new(),
+            vmalloc,
         })
     }
 
@@ -249,9 +261,106 @@ impl<P: Platform> Kmem<P> {
         self.kmalloc.kstrdup(&self.slab, &self.pages, s, gfp)
     }
 
+    // ------------------------------------------------------------------ vmalloc
+
+    /// The vmalloc layer: `/proc/vmallocinfo`, `VmallocTotal`/`VmallocUsed`, statistics,
+    /// and the calls not forwarded below (`__vmalloc_node_range`, `find_vm_area`, ...).
+    pub fn vmalloc_space(&self) -> &Vmalloc {
+        &self.vmalloc
+    }
+
+    /// The layers vmalloc builds on, for calls made on [`Kmem::vmalloc_space`].
+    #[inline]
+    pub fn vm_ctx(&self) -> VmCtx<'_, P> {
+        VmCtx::new(&self.pages, &self.slab, &self.kmalloc)
+    }
+
+    /// `vmalloc`; see [`Vmalloc::vmalloc`].
+    #[track_caller]
+    pub fn vmalloc(&self, size: usize) -> Option<NonNull<u8>> {
+        self.vmalloc.vmalloc(self.vm_ctx(), size)
+    }
+
+    /// `vzalloc`; see [`Vmalloc::vzalloc`].
+    #[track_caller]
+    pub fn vzalloc(&self, size: usize) -> Option<NonNull<u8>> {
+        self.vmalloc.vzalloc(self.vm_ctx(), size)
+    }
+
+    /// `vmalloc_user`; see [`Vmalloc::vmalloc_user`].
+    #[track_caller]
+    pub fn vmalloc_user(&self, size: usize) -> Option<NonNull<u8>> {
+        self.vmalloc.vmalloc_user(self.vm_ctx(), size)
+    }
+
+    /// `__vmalloc`; see [`Vmalloc::__vmalloc`].
+    #[track_caller]
+    pub fn __vmalloc(&self, size: usize, gfp: Gfp) -> Option<NonNull<u8>> {
+        self.vmalloc.__vmalloc(self.vm_ctx(), size, gfp)
+    }
+
+    /// `vfree`; see [`Vmalloc::vfree`].
+    ///
+    /// # Safety
+    ///
+    /// If `addr` starts a live area, nothing may use its memory after this call.
+    pub unsafe fn vfree(&self, addr: *const u8) {
+        // SAFETY: the caller's contract.
+        unsafe { self.vmalloc.vfree(self.vm_ctx(), addr) }
+    }
+
+    /// `vmap`; see [`Vmalloc::vmap`].
+    #[track_caller]
+    pub fn vmap(&self, pages: &[&Page], flags: VmFlags, prot: PageProt) -> Option<NonNull<u8>> {
+        self.vmalloc.vmap(self.vm_ctx(), pages, flags, prot)
+    }
+
+    /// `vunmap`; see [`Vmalloc::vunmap`].
+    ///
+    /// # Safety
+    ///
+    /// If `addr` starts a live area, nothing may use the mapping after this call.
+    pub unsafe fn vunmap(&self, addr: *const u8) {
+        // SAFETY: the caller's contract.
+        unsafe { self.vmalloc.vunmap(self.vm_ctx(), addr) }
+    }
+
+    /// `vmalloc_to_page`; see [`Vmalloc::vmalloc_to_page`].
+    pub fn vmalloc_to_page(&self, addr: *const u8) -> Option<&Page> {
+        self.vmalloc.vmalloc_to_page(self.vm_ctx(), addr)
+    }
+
+    /// `vmalloc_to_pfn`; see [`Vmalloc::vmalloc_to_pfn`].
+    pub fn vmalloc_to_pfn(&self, addr: *const u8) -> Option<Pfn> {
+        self.vmalloc.vmalloc_to_pfn(self.vm_ctx(), addr)
+    }
+
+    /// `is_vmalloc_addr`.
+    #[inline]
+    pub fn is_vmalloc_addr(&self, addr: *const u8) -> bool {
+        self.vmalloc.is_vmalloc_addr(addr)
+    }
+
+    /// `get_vm_area`; see [`Vmalloc::get_vm_area`].
+    #[track_caller]
+    pub fn get_vm_area(&self, size: usize, flags: VmFlags) -> Option<VmStruct> {
+        self.vmalloc.get_vm_area(self.vm_ctx(), size, flags)
+    }
+
+    /// `free_vm_area`; see [`Vmalloc::free_vm_area`].
+    ///
+    /// # Safety
+    ///
+    /// Nothing may use the area's mappings after this call.
+    pub unsafe fn free_vm_area(&self, area: VmStruct) {
+        // SAFETY: the caller's contract.
+        unsafe { self.vmalloc.free_vm_area(self.vm_ctx(), area) }
+    }
+
     /// Checks the page allocator's free lists and every cache's slabs (for tests).
     pub fn validate(&self) -> Result<(), &'static str> {
         self.pages.check_free_lists()?;
+        self.vmalloc.validate()?;
         self.slab.validate(&self.pages)
     }
 }

@@ -10,7 +10,8 @@
 //! 4. [`slab`]: lookaside caches (`kmem_cache_*`), SLUB-style with per-CPU sheaves.
 //! 5. [`kmalloc`]: size classes over slab caches, large sizes from the page allocator.
 //! 7. [`report`]: `/proc/buddyinfo`, `zoneinfo`, `meminfo` and `slabinfo` in Linux's formats.
-//! 6. [`sg`]: scatter/gather tables and big buffers from the highest orders available.
+//! 6. [`vmalloc`]: virtually contiguous areas of scattered pages, mapped through the platform;
+//!    [`sg`]: scatter/gather tables and big buffers from the highest orders available.
 //! 8. [`boxed`]: typed owners (`KBox`, `KVec`, `KmemCache<T>`, `CacheBox`) that free on drop.
 //!
 //! [`Kmem::boot`] runs the kernel's boot order: memblock hands its
@@ -39,5 +40,6 @@ pub mod report;
 pub mod sg;
 pub mod slab;
 pub mod sync;
+pub mod vmalloc;
 
 pub use crate::kmem::Kmem;

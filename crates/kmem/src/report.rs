@@ -222,6 +222,11 @@ pub fn slabinfo<P: Platform>(
     res
 }
 
+/// `/proc/vmallocinfo`: see [`Vmalloc::vmallocinfo`](crate::vmalloc::Vmalloc::vmallocinfo).
+pub fn vmallocinfo<P: Platform>(kmem: &Kmem<P>, w: &mut impl Write) -> fmt::Result {
+    kmem.vmalloc_space().vmallocinfo(kmem.pages(), w)
+}
+
 /// Figures `/proc/meminfo` needs, in pages unless said otherwise.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MemInfo {
@@ -282,8 +287,8 @@ impl MemInfo {
             high: hz.configured.then(|| (hz.managed_pages, hz.free_pages())),
             slab_reclaimable,
             slab_unreclaimable,
-            vmalloc_total_kb: 0,
-            vmalloc_used: 0,
+            vmalloc_total_kb: kmem.vmalloc_space().vmalloc_total_kb(),
+            vmalloc_used: kmem.vmalloc_space().vmalloc_nr_pages(),
             percpu: 0,
             direct_map_kb: (lowmem_pages * PAGE_SIZE / 1024) as u64,
         }
