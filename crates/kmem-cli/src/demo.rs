@@ -228,6 +228,7 @@ pub fn workload(m: &Machine, n: &mut impl Narrator) -> Result<(), String> {
         n.say(format_args!("  | {line}"));
     }
 
+    vmalloc_tour(m, n)?;
     slab_tour(m, n)?;
 
     // Free everything: the free lists must be exactly as after boot.
@@ -391,5 +392,37 @@ fn slab_tour(m: &Machine, n: &mut impl Narrator) -> Result<(), String> {
         // SAFETY: kmalloc caches live as long as the machine.
         m.kmem_cache_shrink(unsafe { &*c });
     }
+    Ok(())
+}
+
+/// vmalloc and a scatter/gather buffer: virtually contiguous memory from scattered pages.
+fn vmalloc_tour(m: &Machine, n: &mut impl Narrator) -> Result<(), String> {
+    n.heading("vmalloc: 1 MiB, virtually contiguous, physically scattered");
+    let size = 1 << 20;
+    let p = m.vmalloc(size).ok_or("vmalloc failed")?;
+    // SAFETY: a live vmalloc area of `size` bytes.
+    let buf = unsafe { std::slice::from_raw_parts_mut(p.as_ptr(), size) };
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    if buf.iter().enumerate().any(|(i, &b)| b != (i % 251) as u8) {
+        return Err("the vmalloc area did not read back what was written".into());
+    }
+    let pfns: Vec<u64> = (0..size / PAGE_SIZE)
+        .filter_map(|i| m.vmalloc_to_pfn(buf[i * PAGE_SIZE..].as_ptr()).map(|f| f.0))
+        .collect();
+    let runs = 1 + pfns.windows(2).filter(|w| w[1] != w[0] + 1).count();
+    n.say(format_args!(
+        "  {} pages at {:p}: {} physically contiguous runs, read back intact",
+        pfns.len(),
+        p.as_ptr(),
+        runs
+    ));
+    for line in m.proc_vmallocinfo().lines() {
+        n.say(format_args!("  | {line}"));
+    }
+    // SAFETY: `p` is the live area allocated above, not used after this.
+    unsafe { m.vfree(p.as_ptr()) };
+    m.vmalloc_space().vm_unmap_aliases(m.vm_ctx());
     Ok(())
 }

@@ -40,6 +40,12 @@ fn proc_files() {
     let text = String::from_utf8(out.get_output().stdout.clone()).unwrap();
     assert!(text.starts_with("MemTotal:"), "{text}");
     kmem()
+        .args(["proc", "slabinfo"])
+        .assert()
+        .success()
+        .stdout(predicate::str::starts_with("slabinfo - version: 2.1\n"));
+    kmem().args(["proc", "vmallocinfo"]).assert().success();
+    kmem()
         .args(["proc", "buddyinfo"])
         .assert()
         .success()
