@@ -33,6 +33,7 @@ pub mod fmt_util;
 pub mod gfp;
 pub mod kmalloc;
 mod kmem;
+pub mod kvmalloc;
 pub mod memblock;
 pub mod page_alloc;
 pub mod platform;
