@@ -24,7 +24,7 @@ fn machine() -> Machine {
 
 /// Objects of `c` in use: in slabs, minus free in slabs, minus cached in CPU sheaves.
 fn in_use(m: &Machine, c: &slab::KmemCache) -> usize {
-    c.total_objects() - c.free_objects() - c.sheaf_objects(m.nr_cpus())
+    c.objects_in_use(m.nr_cpus())
 }
 
 /// Objects in use in the normal kmalloc cache serving `size`.

@@ -98,7 +98,7 @@ fn cache(m: &Machine, t: KmallocType, size: usize) -> &KmemCache {
 }
 
 fn in_use(m: &Machine, c: &KmemCache) -> usize {
-    c.total_objects() - c.free_objects() - c.sheaf_objects(m.nr_cpus())
+    c.objects_in_use(m.nr_cpus())
 }
 
 /// The head page of the slab (or compound page) holding `p`.

@@ -576,7 +576,7 @@ impl<'m> Harness<'m> {
         for c in caches {
             let addr = c as *const KmemCache as usize;
             let model = self.live.values().filter(|o| o.owner == addr).count();
-            let in_use = c.total_objects() - c.free_objects() - c.sheaf_objects(m.nr_cpus());
+            let in_use = c.objects_in_use(m.nr_cpus());
             assert_eq!(in_use, model, "{}: objects in use", c.name());
         }
         for (&p, o) in &self.live {

@@ -233,7 +233,7 @@ fn assert_back_to_boot(m: &Machine, cs: Caches<'_>, areas: &[[usize; NR_PAGE_ORD
     m.validate().expect("validate after the run");
     for c in [cs.plain, cs.ctor] {
         assert_eq!(
-            c.total_objects() - c.free_objects() - c.sheaf_objects(m.nr_cpus()),
+            c.objects_in_use(m.nr_cpus()),
             0,
             "{}: no object in use",
             c.name()

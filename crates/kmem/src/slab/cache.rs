@@ -174,7 +174,7 @@ pub fn calculate_order(size: usize, nr_cpus: usize) -> u32 {
 #[repr(C)]
 pub struct KmemCache {
     // Read on every allocation and free.
-    pub(crate) sheaves: NonNull<Sheaf>, // nr_cpus entries after this struct
+    pub(crate) sheaves: NonNull<Sheaf>, // nr_cpus entries after this struct, then the barn's
     pub(crate) sheaf_cap: u32,          // objects a sheaf holds before a flush
     pub(crate) size: u32,               // distance between objects
     pub(crate) object_size: AtomicU32,  // what the creators asked for (the largest, if merged)
@@ -195,6 +195,10 @@ pub struct KmemCache {
     pub(crate) refcount: AtomicU32,        // creators sharing it (merging)
     pub(crate) next: AtomicPtr<KmemCache>, // cache list, under `SlabAllocator::caches`
     pub(crate) alloc_size: usize,          // bytes of the struct + sheaves allocation
+    /// The barn: how many of its `BARN_SHEAVES` sheaves (after the CPUs' ones) are full.
+    /// Guards those sheaves' contents.
+    pub(crate) barn: SpinLock<usize>,
+    pub(crate) nr_cpus: u32, // sheaves before the barn's
     name: [u8; NAME_LEN],
     name_len: u8,
 }
@@ -263,6 +267,8 @@ impl KmemCache {
             refcount: AtomicU32::new(1),
             next: AtomicPtr::new(core::ptr::null_mut()),
             alloc_size: 0,
+            barn: SpinLock::new(0),
+            nr_cpus: 0,
             name: name_buf,
             name_len: len as u8,
         }

@@ -3,12 +3,16 @@
 //! A cache hands out objects of one size. Its objects live in slabs (page allocations, see
 //! [`node`]); each CPU keeps a *sheaf* of free object pointers ([`sheaf`]). The fast paths
 //! push and pop the current CPU's sheaf under its CPU guard: no lock, no atomic
-//! read-modify-write. Refills and flushes move half a sheaf between the sheaf and the slabs
-//! under the cache's node lock; new slabs come from the page allocator.
+//! read-modify-write. A full sheaf is parked whole in the cache's *barn* (up to
+//! `BARN_SHEAVES`), and an empty one takes a full sheaf from it, so objects freed on one CPU
+//! reach another without touching the slabs; otherwise refills and flushes move half a sheaf
+//! between the sheaf and the slabs under the cache's node lock. New slabs come from the page
+//! allocator.
 //!
 //! # Lock order
 //!
 //! 1. a CPU guard (the sheaf of that CPU);
+//! 2. `KmemCache::barn` (the full sheaves parked between CPUs; nothing is taken under it);
 //! 2. `KmemCache::node` (the cache's slab lists and counters);
 //! 3. the page allocator's locks (taken by slab allocation and freeing).
 //!
@@ -192,7 +196,7 @@ impl SlabAllocator {
         drop(list);
         // The cache and its sheaves, in pages of their own.
         let header = core::mem::size_of::<KmemCache>().next_multiple_of(64);
-        let bytes = header + pa.nr_cpus() * core::mem::size_of::<Sheaf>();
+        let bytes = header + (pa.nr_cpus() + sheaf::BARN_SHEAVES) * core::mem::size_of::<Sheaf>();
         let Some(va) = pa.alloc_pages_exact(bytes, GFP_KERNEL) else {
             p.log(
                 LogLevel::Err,
@@ -205,13 +209,14 @@ impl SlabAllocator {
         // header fits before the sheaves (64-byte aligned, as `Sheaf` needs).
         let cache = unsafe {
             let sheaves = base.add(header) as *mut Sheaf;
-            for cpu in 0..pa.nr_cpus() {
-                sheaves.add(cpu).write(Sheaf::new());
+            for i in 0..pa.nr_cpus() + sheaf::BARN_SHEAVES {
+                sheaves.add(i).write(Sheaf::new());
             }
             let c = base as *mut KmemCache;
             c.write(proto);
             (*c).sheaves = NonNull::new_unchecked(sheaves);
             (*c).alloc_size = bytes;
+            (*c).nr_cpus = pa.nr_cpus() as u32;
             &*c
         };
         list = self.caches.lock();
@@ -318,6 +323,23 @@ impl SlabAllocator {
         s: &KmemCache,
         gfp: Gfp,
     ) -> Option<*mut u8> {
+        // A full sheaf from the barn first: objects freed on other CPUs, in one copy.
+        {
+            let guard = pa.platform().cpu_guard();
+            let mine = sheaf_of(s, &guard);
+            if let Some(obj) = mine.pop() {
+                return Some(obj); // the task moved to a CPU whose sheaf has objects
+            }
+            let mut full = s.barn.lock();
+            if *full > 0 {
+                *full -= 1;
+                s.barn_sheaf(*full).move_all_to(mine);
+                drop(full);
+                if let Some(obj) = mine.pop() {
+                    return Some(obj);
+                }
+            }
+        }
         let slabs = Slabs { pa, s };
         let mut batch = [core::ptr::null_mut(); SHEAF_MAX];
         let want = (s.sheaf_cap as usize / 2 + 1).min(SHEAF_MAX);
@@ -485,6 +507,18 @@ impl SlabAllocator {
     fn free_slow<P: Platform>(&self, pa: &PageAlloc<P>, s: &KmemCache, obj: *mut u8) {
         let guard = pa.platform().cpu_guard();
         let sheaf = sheaf_of(s, &guard);
+        // Park the full sheaf in the barn when it has room: another CPU will take it whole.
+        {
+            let mut full = s.barn.lock();
+            if *full < sheaf::BARN_SHEAVES && sheaf.count() == s.sheaf_cap as usize {
+                sheaf.move_all_to(s.barn_sheaf(*full));
+                *full += 1;
+                drop(full);
+                let kept = sheaf.push(obj, s.sheaf_cap);
+                debug_assert!(kept);
+                return;
+            }
+        }
         let mut batch = [core::ptr::null_mut(); SHEAF_MAX];
         let half = (s.sheaf_cap as usize / 2).max(1);
         let n = sheaf.take_cold(&mut batch[..half]);
@@ -597,6 +631,18 @@ impl SlabAllocator {
             let guard = pa.platform().lock_cpu(cpu);
             let n = s.sheaf(cpu).take_cold(&mut batch);
             drop(guard);
+            pages += self.return_objects_inner(pa, s, &batch[..n], free_empty);
+        }
+        loop {
+            let mut batch = [core::ptr::null_mut(); SHEAF_MAX];
+            let n = {
+                let mut full = s.barn.lock();
+                if *full == 0 {
+                    break;
+                }
+                *full -= 1;
+                s.barn_sheaf(*full).take_cold(&mut batch)
+            };
             pages += self.return_objects_inner(pa, s, &batch[..n], free_empty);
         }
         pages
@@ -766,9 +812,31 @@ impl KmemCache {
         unsafe { &*self.sheaves.as_ptr().add(cpu) }
     }
 
+    /// Sheaf `i` of the barn. The caller holds the barn lock.
+    #[inline]
+    pub(crate) fn barn_sheaf(&self, i: usize) -> &Sheaf {
+        assert!(i < sheaf::BARN_SHEAVES);
+        // SAFETY: the cache was built with `BARN_SHEAVES` sheaves after the CPUs' ones, and
+        // `nr_cpus` is where those start (set with them at creation).
+        unsafe { &*self.sheaves.as_ptr().add(self.nr_cpus as usize + i) }
+    }
+
     /// Objects sitting in CPU sheaves, summed (racy; for reports).
     pub fn sheaf_objects(&self, nr_cpus: usize) -> usize {
         (0..nr_cpus).map(|c| self.sheaf(c).count()).sum()
+    }
+
+    /// Objects really in use: in the slabs' counts but in no sheaf and not in the barn
+    /// (racy; for reports and tests).
+    pub fn objects_in_use(&self, nr_cpus: usize) -> usize {
+        let cached = self.free_objects() + self.sheaf_objects(nr_cpus) + self.barn_objects();
+        self.total_objects().saturating_sub(cached)
+    }
+
+    /// Objects parked in the barn's full sheaves.
+    pub fn barn_objects(&self) -> usize {
+        let full = *self.barn.lock();
+        (0..full).map(|i| self.barn_sheaf(i).count()).sum()
     }
 
     fn order_of_slab<P: Platform>(&self, pa: &PageAlloc<P>, idx: u32) -> u32 {

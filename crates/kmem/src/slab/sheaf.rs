@@ -19,6 +19,11 @@ use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering::Relaxed};
 /// Most objects a sheaf holds: a header word and 31 pointers make 256 bytes.
 pub const SHEAF_MAX: usize = 31;
 
+/// Full sheaves a cache's barn holds (Linux's per-node barn of sheaves): a CPU whose sheaf
+/// is full parks it there, a CPU whose sheaf is empty takes one, so objects freed on one CPU
+/// reach another in whole sheaves, without touching the slabs.
+pub const BARN_SHEAVES: usize = 8;
+
 /// The default capacity for objects of `size` bytes: smaller sheaves for bigger objects, so a
 /// sheaf never hides much memory.
 pub fn default_capacity(size: usize) -> usize {
@@ -96,6 +101,18 @@ impl Sheaf {
         unsafe { self.objs.get_unchecked(n as usize) }.store(obj, Relaxed);
         self.count.store(n + 1, Relaxed);
         Ok(())
+    }
+
+    /// Moves every object of `self` into `dst` (empty), leaving `self` empty. The caller
+    /// holds what guards both (a CPU guard and the barn lock).
+    pub(crate) fn move_all_to(&self, dst: &Sheaf) {
+        let n = self.count.load(Relaxed) as usize;
+        debug_assert_eq!(dst.count(), 0);
+        for i in 0..n {
+            dst.objs[i].store(self.objs[i].load(Relaxed), Relaxed);
+        }
+        dst.count.store(n as u32, Relaxed);
+        self.count.store(0, Relaxed);
     }
 
     /// Takes up to `out.len()` objects from the bottom (the coldest), keeping the order of the

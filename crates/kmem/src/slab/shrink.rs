@@ -62,7 +62,9 @@ impl<P: Platform> Shrinker for SlabShrinker<P> {
             return 0;
         };
         let mut n = 0;
-        slab.for_each_cache(|c| n += c.free_objects() + c.sheaf_objects(pa.nr_cpus()));
+        slab.for_each_cache(|c| {
+            n += c.free_objects() + c.sheaf_objects(pa.nr_cpus()) + c.barn_objects()
+        });
         n
     }
 
