@@ -28,6 +28,19 @@
 //!   batch it receives. One operation is one object allocated on one thread and freed on the
 //!   other; ns/op is wall time over the objects of both threads.
 //!
+//! vmalloc cases (see [`vmwork`]):
+//!
+//! * [`Case::Vmalloc64k`], [`Case::Vmalloc1m`]: one `vmalloc(size)` and its `vfree` per
+//!   operation, 64 KiB and 1 MiB, nothing touched inside the area ([`Allocator::Kmem`]);
+//!   peer: `mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)` and its
+//!   `munmap` ([`Allocator::Mmap`]). `vmalloc` takes and maps its pages when called, `mmap`
+//!   only when a page is first touched, so both also run writing one byte to every page
+//!   between the allocation and the free ([`Allocator::KmemTouch`], [`Allocator::MmapTouch`]):
+//!   the table's ratios are against the untouched kmem pair, and a "like for like" line
+//!   gives `mmap / kmem` and `mmap+touch / kmem+touch`. Every allocator runs the same number
+//!   of pairs per sample ([`Options::vmalloc_sample_bytes`] over the size). There is no
+//!   target.
+//!
 //! The harness ([`harness`]) warms every allocator up, then runs `rounds` rounds; in each
 //! round every allocator runs one timed sample, one after the other (kmem, then each peer), so
 //! drift on a shared machine affects all alike. The result per allocator is the median of its
@@ -48,9 +61,10 @@
 //! remove and insert; a single block makes every pair split and merge all the way). The
 //! targets use [`Allocator::Buddy`].
 //!
-//! After each case every object and block is freed, the kmalloc caches are shrunk and the
-//! per-CPU page lists drained: kmem's free page count must be back where it started, its
-//! free lists and slabs consistent, and no bad free reported.
+//! After each case every object, block and area is freed, vmalloc's lazily freed ranges are
+//! purged, the kmalloc and `vmap_area` caches are shrunk and the per-CPU page lists drained:
+//! kmem's free page count must be back where it started, its free lists, slabs and vmap
+//! trees consistent, and no bad free reported.
 
 pub mod crossfree;
 pub mod harness;
@@ -58,6 +72,7 @@ pub mod objsource;
 pub mod objwork;
 pub mod report;
 pub mod source;
+pub mod vmwork;
 pub mod workload;
 
 use std::fmt;
@@ -73,6 +88,7 @@ use objsource::{KmallocSource, KmemCacheSource, ObjSource, SlabmallocSource};
 use objwork::{ObjChurn, obj_pair_loop};
 pub use report::{CaseReport, Environment, Measurement, Report, Target};
 use source::{BuddySource, KmemSource, PageSource};
+use vmwork::{MmapSource, VmSource, VmallocSource, vm_pair_loop};
 use workload::Churn;
 
 /// A benchmark case.
@@ -97,6 +113,10 @@ pub enum Case {
     CachePair256,
     /// One 64-byte object allocated on one thread and freed on the other per operation.
     CrossFree,
+    /// One 64 KiB vmalloc+vfree pair per operation (peers: mmap+munmap).
+    Vmalloc64k,
+    /// One 1 MiB vmalloc+vfree pair per operation (peers: mmap+munmap).
+    Vmalloc1m,
 }
 
 /// Object size of [`Case::CachePair256`].
@@ -125,10 +145,16 @@ const CACHE_PEERS: &[Allocator] = &[
     Allocator::Mimalloc,
     Allocator::System,
 ];
+const VMALLOC_PEERS: &[Allocator] = &[
+    Allocator::Kmem,
+    Allocator::KmemTouch,
+    Allocator::Mmap,
+    Allocator::MmapTouch,
+];
 
 impl Case {
     /// Every case, in report order.
-    pub const ALL: [Case; 9] = [
+    pub const ALL: [Case; 11] = [
         Case::Order0Pair,
         Case::Churn,
         Case::KmallocPair16,
@@ -138,6 +164,8 @@ impl Case {
         Case::KmallocChurn,
         Case::CachePair256,
         Case::CrossFree,
+        Case::Vmalloc64k,
+        Case::Vmalloc1m,
     ];
 
     /// The page-allocator cases.
@@ -154,6 +182,9 @@ impl Case {
         Case::CrossFree,
     ];
 
+    /// The vmalloc cases.
+    pub const VMALLOC: [Case; 2] = [Case::Vmalloc64k, Case::Vmalloc1m];
+
     /// Short name, as in the table, the CSV and `--case`.
     pub fn name(self) -> &'static str {
         match self {
@@ -166,6 +197,8 @@ impl Case {
             Case::KmallocChurn => "kmalloc-churn",
             Case::CachePair256 => "cache-pair-256",
             Case::CrossFree => "cross-free",
+            Case::Vmalloc64k => "vmalloc-64k",
+            Case::Vmalloc1m => "vmalloc-1m",
         }
     }
 
@@ -175,12 +208,13 @@ impl Case {
     }
 
     /// The cases `name` stands for: one case by name, or a group: `page` ([`Case::PAGE`]),
-    /// `slab` ([`Case::SLAB`]) or `all`.
+    /// `slab` ([`Case::SLAB`]), `vmalloc` ([`Case::VMALLOC`]) or `all`.
     pub fn group(name: &str) -> Option<Vec<Case>> {
         match name {
             "all" => Some(Case::ALL.to_vec()),
             "page" => Some(Case::PAGE.to_vec()),
             "slab" => Some(Case::SLAB.to_vec()),
+            "vmalloc" => Some(Case::VMALLOC.to_vec()),
             _ => Case::from_name(name).map(|c| vec![c]),
         }
     }
@@ -196,9 +230,28 @@ impl Case {
         }
     }
 
+    /// The area size of a vmalloc case.
+    pub fn vmalloc_size(self) -> Option<usize> {
+        match self {
+            Case::Vmalloc64k => Some(64 << 10),
+            Case::Vmalloc1m => Some(1 << 20),
+            _ => None,
+        }
+    }
+
+    /// True for the page-allocator cases.
+    pub fn is_page(self) -> bool {
+        matches!(self, Case::Order0Pair | Case::Churn)
+    }
+
     /// True for the slab and kmalloc cases.
     pub fn is_slab(self) -> bool {
-        !matches!(self, Case::Order0Pair | Case::Churn)
+        !self.is_page() && !self.is_vmalloc()
+    }
+
+    /// True for the vmalloc cases.
+    pub fn is_vmalloc(self) -> bool {
+        self.vmalloc_size().is_some()
     }
 
     /// The allocators this case can run, kmem first.
@@ -206,6 +259,7 @@ impl Case {
         match self {
             Case::Order0Pair | Case::Churn => PAGE_PEERS,
             Case::CachePair256 => CACHE_PEERS,
+            Case::Vmalloc64k | Case::Vmalloc1m => VMALLOC_PEERS,
             _ => MALLOC_PEERS,
         }
     }
@@ -225,8 +279,11 @@ impl fmt::Display for Case {
 /// An allocator under test.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
 pub enum Allocator {
-    /// kmem on a hosted machine (its page allocator, kmalloc or a slab cache, per case).
+    /// kmem on a hosted machine (its page allocator, kmalloc, a slab cache or vmalloc, per
+    /// case).
     Kmem,
+    /// kmem's vmalloc+vfree writing one byte to every page in between (vmalloc cases only).
+    KmemTouch,
     /// `buddy_system_allocator::FrameAllocator` (default `ORDER`), seeded with frames `0..n`
     /// where `n` is the number of frames kmem manages.
     Buddy,
@@ -241,30 +298,40 @@ pub enum Allocator {
     Mimalloc,
     /// The system allocator (`std::alloc::System`: glibc on Linux).
     System,
+    /// The host's `mmap(MAP_PRIVATE | MAP_ANONYMOUS)`+`munmap` (vmalloc cases only).
+    Mmap,
+    /// The same, writing one byte to every page in between (vmalloc cases only).
+    MmapTouch,
 }
 
 impl Allocator {
     /// Every allocator, kmem first, in report order.
-    pub const ALL: [Allocator; 7] = [
+    pub const ALL: [Allocator; 10] = [
         Allocator::Kmem,
+        Allocator::KmemTouch,
         Allocator::Buddy,
         Allocator::BuddyPow2,
         Allocator::Slabmalloc,
         Allocator::Jemalloc,
         Allocator::Mimalloc,
         Allocator::System,
+        Allocator::Mmap,
+        Allocator::MmapTouch,
     ];
 
     /// Short name, as in the table and the CSV.
     pub fn name(self) -> &'static str {
         match self {
             Allocator::Kmem => "kmem",
+            Allocator::KmemTouch => "kmem+touch",
             Allocator::Buddy => "buddy_system_allocator",
             Allocator::BuddyPow2 => "buddy-pow2",
             Allocator::Slabmalloc => "slabmalloc",
             Allocator::Jemalloc => "jemalloc",
             Allocator::Mimalloc => "mimalloc",
             Allocator::System => "system",
+            Allocator::Mmap => "mmap",
+            Allocator::MmapTouch => "mmap+touch",
         }
     }
 
@@ -308,6 +375,12 @@ pub struct Options {
     pub cross_warmup_batches: u64,
     /// Cross-free: batches per thread per timed sample (the same for every allocator).
     pub cross_batches: u64,
+    /// vmalloc cases: bytes allocated (and freed) per allocator during warm-up; pairs =
+    /// this / the case's size (at least 1).
+    pub vmalloc_warmup_bytes: usize,
+    /// vmalloc cases: bytes allocated (and freed) per timed sample; pairs = this / the
+    /// case's size (at least 1), the same for every allocator.
+    pub vmalloc_sample_bytes: usize,
     /// Seed of the churns' operation sequences.
     pub seed: u64,
     /// RAM of kmem's machine, in bytes.
@@ -326,8 +399,9 @@ pub struct Options {
 }
 
 impl Default for Options {
-    /// The full run: 7 rounds of 20 ms pair samples, 200 000 churn steps and 2 000 cross-free
-    /// batches of 64 objects per thread per sample.
+    /// The full run: 7 rounds of 20 ms pair samples, 200 000 churn steps, 2 000 cross-free
+    /// batches of 64 objects per thread and 128 MiB of vmalloc pairs (2 048 of 64 KiB, 128 of
+    /// 1 MiB) per sample.
     fn default() -> Options {
         Options {
             rounds: 7,
@@ -341,6 +415,8 @@ impl Default for Options {
             cross_ring: 4,
             cross_warmup_batches: 1000,
             cross_batches: 2000,
+            vmalloc_warmup_bytes: 64 << 20,
+            vmalloc_sample_bytes: 128 << 20,
             seed: 0x6b6d_656d_6265_6e63,
             machine_ram: 256 << 20,
             machine_cpus: 2,
@@ -352,8 +428,9 @@ impl Default for Options {
 }
 
 impl Options {
-    /// A short run for CI smoke tests: 3 rounds, a tenth to a twentieth of the work (every
-    /// case, well under 2 s in a release build).
+    /// A short run for CI smoke tests: 3 rounds, a tenth to a twentieth of the work (a
+    /// thirty-second for vmalloc: 64 pairs of 64 KiB, 4 of 1 MiB per sample) (every case,
+    /// well under 2 s in a release build).
     pub fn quick() -> Options {
         Options {
             rounds: 3,
@@ -363,6 +440,8 @@ impl Options {
             churn_steps: 10_000,
             cross_warmup_batches: 20,
             cross_batches: 50,
+            vmalloc_warmup_bytes: 1 << 20,
+            vmalloc_sample_bytes: 4 << 20,
             ..Options::default()
         }
     }
@@ -524,6 +603,23 @@ fn obj_sampler<'a, S: ObjSource + 'a>(
     }
 }
 
+/// Boxes the vmalloc-case sampler of `case` over `src` (with `TOUCH`: one byte written per
+/// page): a fixed number of pairs per sample, the same for every allocator.
+fn vm_sampler<'a, S: VmSource + 'a, const TOUCH: bool>(
+    case: Case,
+    mut src: S,
+    opts: &Options,
+) -> Box<dyn Sampler + 'a> {
+    let size = case.vmalloc_size().expect("a vmalloc case");
+    let pairs = |bytes: usize| (bytes / size).max(1) as u64;
+    Box::new(FixedSampler::new(
+        move |n| vm_pair_loop::<S, TOUCH>(&mut src, black_box(size), n),
+        pairs(opts.vmalloc_warmup_bytes),
+        pairs(opts.vmalloc_sample_bytes),
+        1,
+    ))
+}
+
 /// Boxes the cross-free sampler over `a` (this thread) and `b` (a worker in `scope`).
 fn cross_sampler<'scope, 'env, S: ObjSource + Send + 'scope>(
     scope: &'scope std::thread::Scope<'scope, 'env>,
@@ -571,11 +667,33 @@ fn run_case(
                         Allocator::Jemalloc => page_sampler(case, source::jemalloc(), opts),
                         Allocator::Mimalloc => page_sampler(case, source::mimalloc(), opts),
                         Allocator::System => page_sampler(case, source::system(), opts),
-                        Allocator::Slabmalloc => unreachable!("not a page allocator"),
+                        _ => unreachable!("{a} does not run {case}"),
                     };
                     (a, s)
                 })
                 .collect();
+            measure(case, samplers, opts, progress)
+        }
+        Case::Vmalloc64k | Case::Vmalloc1m => {
+            let samplers = allocators
+                .iter()
+                .map(|&a| {
+                    let s = match a {
+                        Allocator::Kmem => {
+                            vm_sampler::<_, false>(case, VmallocSource::new(kmem), opts)
+                        }
+                        Allocator::KmemTouch => {
+                            vm_sampler::<_, true>(case, VmallocSource::new(kmem), opts)
+                        }
+                        Allocator::Mmap => vm_sampler::<_, false>(case, MmapSource, opts),
+                        Allocator::MmapTouch => vm_sampler::<_, true>(case, MmapSource, opts),
+                        _ => unreachable!("{a} does not run {case}"),
+                    };
+                    (a, s)
+                })
+                .collect();
+            // Every area is freed when the samplers are dropped; `check_machine` then purges
+            // the lazily freed ranges.
             measure(case, samplers, opts, progress)
         }
         Case::CrossFree => std::thread::scope(|scope| {
@@ -714,9 +832,13 @@ pub fn pow2_floor(n: usize) -> usize {
     }
 }
 
-/// Returns what kmem caches on the side: shrinks every kmalloc cache (which flushes every
-/// CPU's sheaves and frees empty slabs), then drains the per-CPU page lists.
+/// Returns what kmem caches on the side: purges vmalloc's lazily freed ranges
+/// (`vm_unmap_aliases`), shrinks every kmalloc cache and the `vmap_area` cache (which flushes
+/// every CPU's sheaves and frees empty slabs), then drains the per-CPU page lists.
 pub fn settle(machine: &Machine) {
+    let vmalloc = machine.vmalloc_space();
+    vmalloc.vm_unmap_aliases(machine.vm_ctx());
+    machine.kmem_cache_shrink(vmalloc.area_cache());
     let caches = machine.kmalloc_caches();
     for t in [KmallocType::Normal, KmallocType::Reclaim, KmallocType::Dma] {
         for index in 1..NR_KMALLOC_INDEX {

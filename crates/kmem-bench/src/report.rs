@@ -75,8 +75,25 @@ impl CaseReport {
 
     /// `a`'s median over kmem's (above 1: kmem is faster), if both ran.
     pub fn ratio(&self, a: Allocator) -> Option<f64> {
-        let k = self.get(Allocator::Kmem)?.median_ns;
-        Some(self.get(a)?.median_ns / k)
+        self.ratio_to(a, Allocator::Kmem)
+    }
+
+    /// `a`'s median over `base`'s, if both ran.
+    pub fn ratio_to(&self, a: Allocator, base: Allocator) -> Option<f64> {
+        let b = self.get(base)?.median_ns;
+        Some(self.get(a)?.median_ns / b)
+    }
+
+    /// The like-for-like ratios of a vmalloc case, where both sides ran: `(peer, kmem side,
+    /// peer / kmem side)` for `mmap / kmem` and `mmap+touch / kmem+touch`.
+    pub fn like_for_like(&self) -> Vec<(Allocator, Allocator, f64)> {
+        [
+            (Allocator::Mmap, Allocator::Kmem),
+            (Allocator::MmapTouch, Allocator::KmemTouch),
+        ]
+        .into_iter()
+        .filter_map(|(p, k)| Some((p, k, self.ratio_to(p, k)?)))
+        .collect()
     }
 }
 
@@ -235,6 +252,16 @@ impl Report {
     }
 }
 
+/// A ratio for the table: two decimals, or two significant digits below 0.1 (so that a
+/// ratio of a few thousandths does not print as 0.00x).
+fn fmt_ratio(r: f64) -> String {
+    if !(r > 0.0 && r < 0.0995) {
+        return format!("{r:.2}x");
+    }
+    let decimals = (1 - r.log10().floor() as i32).clamp(2, 9) as usize;
+    format!("{r:.decimals$}x")
+}
+
 fn case_title(case: Case, opts: &Options) -> String {
     match case {
         Case::Order0Pair => "order-0 alloc+free pair (malloc peers: 4 KiB, 4 KiB-aligned)".into(),
@@ -265,6 +292,18 @@ fn case_title(case: Case, opts: &Options) -> String {
             opts.cross_batch,
             opts.cross_ring
         ),
+        Case::Vmalloc64k | Case::Vmalloc1m => {
+            let size = case.vmalloc_size().unwrap_or(0);
+            let size = if size >= 1 << 20 {
+                format!("{} MiB", size >> 20)
+            } else {
+                format!("{} KiB", size >> 10)
+            };
+            format!(
+                "vmalloc({size})+vfree pair, nothing touched (mmap: mmap(MAP_PRIVATE|MAP_ANONYMOUS)\
+                 +munmap of {size}; +touch: one byte written to every page in between)"
+            )
+        }
     }
 }
 
@@ -289,7 +328,7 @@ impl fmt::Display for Report {
                 "; DEBUG BUILD: numbers are not meaningful"
             }
         )?;
-        if self.cases.iter().any(|c| !c.case.is_slab()) {
+        if self.cases.iter().any(|c| c.case.is_page()) {
             let pow2 = crate::pow2_floor(e.buddy_frames);
             writeln!(
                 f,
@@ -308,9 +347,7 @@ impl fmt::Display for Report {
                 "allocator", "ns/op (med)", "min", "max", "Mops/s", "ops/round", "vs kmem"
             )?;
             for m in &c.results {
-                let ratio = c
-                    .ratio(m.allocator)
-                    .map_or("-".into(), |r| format!("{r:.2}x"));
+                let ratio = c.ratio(m.allocator).map_or("-".into(), fmt_ratio);
                 writeln!(
                     f,
                     "  {:<24} {:>12.2} {:>10.2} {:>10.2} {:>10.2} {:>13} {:>10}",
@@ -322,6 +359,14 @@ impl fmt::Display for Report {
                     m.ops_per_round,
                     ratio
                 )?;
+            }
+            let like = c.like_for_like();
+            if !like.is_empty() {
+                let parts: Vec<String> = like
+                    .iter()
+                    .map(|(p, k, r)| format!("{p} / {k} = {}", fmt_ratio(*r)))
+                    .collect();
+                writeln!(f, "  like for like: {}", parts.join("; "))?;
             }
         }
         writeln!(f)?;

@@ -17,6 +17,8 @@ fn tiny() -> Options {
         cross_ring: 2,
         cross_warmup_batches: 10,
         cross_batches: 20,
+        vmalloc_warmup_bytes: 256 << 10,
+        vmalloc_sample_bytes: 1 << 20,
         machine_ram: 32 << 20,
         ..Options::default()
     }
@@ -45,11 +47,34 @@ fn pow2_floor_and_names() {
         assert_eq!(Case::from_name(c.name()), Some(c));
         assert_eq!(Case::group(c.name()), Some(vec![c]));
         assert_eq!(c.is_slab(), Case::SLAB.contains(&c));
+        assert_eq!(c.is_page(), Case::PAGE.contains(&c));
+        assert_eq!(c.is_vmalloc(), Case::VMALLOC.contains(&c));
+        assert_eq!(
+            [c.is_page(), c.is_slab(), c.is_vmalloc()]
+                .iter()
+                .filter(|&&x| x)
+                .count(),
+            1
+        );
         assert_eq!(c.allocators()[0], Allocator::Kmem);
     }
     assert_eq!(Case::group("slab"), Some(Case::SLAB.to_vec()));
     assert_eq!(Case::group("page"), Some(Case::PAGE.to_vec()));
     assert_eq!(Case::group("all"), Some(Case::ALL.to_vec()));
+    assert_eq!(
+        Case::group("vmalloc"),
+        Some(vec![Case::Vmalloc64k, Case::Vmalloc1m])
+    );
+    assert_eq!(Case::Vmalloc64k.vmalloc_size(), Some(64 << 10));
+    assert_eq!(Case::Vmalloc1m.vmalloc_size(), Some(1 << 20));
+    assert_eq!(Case::CrossFree.vmalloc_size(), None);
+    assert!(Case::Vmalloc1m.runs(Allocator::MmapTouch));
+    assert!(!Case::Vmalloc1m.runs(Allocator::Jemalloc));
+    assert!(!Case::Order0Pair.runs(Allocator::Mmap));
+    assert_eq!(
+        Allocator::from_name("kmem+touch"),
+        Some(Allocator::KmemTouch)
+    );
     assert_eq!(Case::KmallocPair1024.kmalloc_pair_size(), Some(1024));
     assert!(Case::CachePair256.runs(Allocator::Slabmalloc));
     assert!(!Case::KmallocPair64.runs(Allocator::Slabmalloc));
@@ -119,6 +144,11 @@ fn tiny_run_completes_with_finite_positive_numbers() {
         let churn = report.case(case).unwrap();
         assert!(churn.results.iter().all(|m| m.ops_per_round == 200));
     }
+    for (case, pairs) in [(Case::Vmalloc64k, 16), (Case::Vmalloc1m, 1)] {
+        let c = report.case(case).unwrap();
+        assert!(c.results.iter().all(|m| m.ops_per_round == pairs));
+        assert_eq!(c.like_for_like().len(), 2);
+    }
     let cross = report.case(Case::CrossFree).unwrap();
     assert!(cross.results.iter().all(|m| m.ops_per_round == 2 * 20 * 8));
     assert!(report.targets.iter().all(|t| t.ratio.is_some()));
@@ -136,6 +166,7 @@ fn tiny_run_completes_with_finite_positive_numbers() {
     let table = report.to_string();
     assert!(table.contains("order0-pair") && table.contains("jemalloc"));
     assert!(table.contains("cross-free") && table.contains("slabmalloc"));
+    assert!(table.contains("vmalloc-1m") && table.contains("mmap+touch / kmem+touch = "));
     assert_eq!(table.matches("target: ").count(), Target::all().len());
 }
 
@@ -260,4 +291,70 @@ fn cross_free_runs_on_kmem_and_leaves_nothing_behind() {
         assert!(s.sample() > 0.0);
     });
     check_machine(&machine, free).unwrap();
+}
+
+#[test]
+fn vm_sources_pair_touch_and_give_everything_back() {
+    let machine = Machine::boot(MachineConfig::x86_64(32 << 20).with_cpus(2)).unwrap();
+    settle(&machine);
+    let free = machine.nr_free_pages();
+    let vmalloc = machine.vmalloc_space();
+    let size = 64 << 10;
+    let mut k = VmallocSource::new(machine.kmem());
+    let p = k.alloc(size);
+    assert!(machine.is_vmalloc_addr(p));
+    assert_eq!(vmalloc.vmalloc_nr_pages(), size / source::PAGE_SIZE);
+    // SAFETY: a live 64 KiB area of ours.
+    unsafe { vmwork::touch_pages(p, size) };
+    // SAFETY: the byte at each page start was written by `touch_pages`.
+    assert_eq!(unsafe { p.add(size - source::PAGE_SIZE).read() }, 1);
+    // SAFETY: allocated above, freed once.
+    unsafe { k.free(p, size) };
+    assert_eq!(vmalloc.vmalloc_nr_pages(), 0);
+    // 70 MiB of 1 MiB pairs: more than `lazy_max_pages` (64 MiB at 2 CPUs), so one purge.
+    let purges = vmalloc.nr_purges();
+    vm_pair_loop::<_, true>(&mut k, 1 << 20, 70);
+    assert!(vmalloc.nr_purges() > purges);
+    vm_pair_loop::<_, false>(&mut k, size, 100);
+    check_machine(&machine, free).unwrap();
+    assert_eq!(vmalloc.lazy_pages(), 0);
+    assert_eq!(vmalloc.bad_frees(), 0);
+
+    let mut m = MmapSource;
+    let p = m.alloc(size);
+    // SAFETY: a fresh 64 KiB mapping of ours.
+    unsafe { vmwork::touch_pages(p, size) };
+    // SAFETY: mapped above, unmapped once.
+    unsafe { m.free(p, size) };
+    vm_pair_loop::<_, true>(&mut m, 1 << 20, 3);
+    vm_pair_loop::<_, false>(&mut m, 1 << 20, 3);
+}
+
+#[test]
+fn small_ratios_keep_two_significant_digits() {
+    let r = report::CaseReport {
+        case: Case::Vmalloc1m,
+        results: [(Allocator::Kmem, 800_000.0), (Allocator::Mmap, 3_000.0)]
+            .into_iter()
+            .map(|(allocator, ns)| Measurement {
+                allocator,
+                median_ns: ns,
+                min_ns: ns,
+                max_ns: ns,
+                ops_per_round: 1,
+                samples_ns: vec![ns],
+            })
+            .collect(),
+    };
+    let like = r.like_for_like();
+    assert_eq!(like.len(), 1);
+    assert_eq!((like[0].0, like[0].1), (Allocator::Mmap, Allocator::Kmem));
+    let report = Report::new(tiny(), Environment::new(&tiny(), 1), vec![r]);
+    let table = report.to_string();
+    assert!(table.contains("0.0037x"), "{table}");
+    assert!(
+        table.contains("like for like: mmap / kmem = 0.0037x"),
+        "{table}"
+    );
+    assert!(report.targets.is_empty());
 }

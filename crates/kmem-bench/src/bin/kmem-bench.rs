@@ -1,5 +1,5 @@
-//! Runs kmem's page-allocator, slab and kmalloc benchmarks against the peers and prints the
-//! table.
+//! Runs kmem's page-allocator, slab, kmalloc and vmalloc benchmarks against the peers and
+//! prints the table.
 //!
 //! ```text
 //! cargo run --release -p kmem-bench                         # full run (about a minute)
@@ -8,11 +8,12 @@
 //! cargo run --release -p kmem-bench -- --case order0-pair --alloc kmem --alloc jemalloc
 //! cargo run --release -p kmem-bench -- --case slab          # every slab/kmalloc case
 //! cargo run --release -p kmem-bench -- --case kmalloc-pair-64 --case cross-free
+//! cargo run --release -p kmem-bench -- --case vmalloc       # vmalloc against mmap
 //! ```
 //!
 //! Cases: order0-pair, churn (group `page`); kmalloc-pair-16, kmalloc-pair-64,
 //! kmalloc-pair-256, kmalloc-pair-1024, kmalloc-churn, cache-pair-256, cross-free (group
-//! `slab`); `all`.
+//! `slab`); vmalloc-64k, vmalloc-1m (group `vmalloc`); `all`.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -21,8 +22,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use kmem_bench::{Allocator, Case, Options, Progress};
 
-/// kmem's page allocator, kmalloc and slab caches against buddy_system_allocator, slabmalloc,
-/// jemalloc, mimalloc and the system allocator, in the same run.
+/// kmem's page allocator, kmalloc, slab caches and vmalloc against buddy_system_allocator,
+/// slabmalloc, jemalloc, mimalloc, the system allocator and mmap, in the same run.
 #[derive(Parser, Debug)]
 #[command(name = "kmem-bench")]
 struct Args {
@@ -36,12 +37,12 @@ struct Args {
     #[arg(long)]
     rounds: Option<usize>,
     /// Run only these cases (order0-pair, churn, kmalloc-pair-16, kmalloc-pair-64,
-    /// kmalloc-pair-256, kmalloc-pair-1024, kmalloc-churn, cache-pair-256, cross-free) or
-    /// groups (page, slab, all); repeatable.
+    /// kmalloc-pair-256, kmalloc-pair-1024, kmalloc-churn, cache-pair-256, cross-free,
+    /// vmalloc-64k, vmalloc-1m) or groups (page, slab, vmalloc, all); repeatable.
     #[arg(long = "case", value_parser = parse_case)]
     cases: Vec<Vec<Case>>,
-    /// Run only these allocators (kmem, buddy, buddy-pow2, slabmalloc, jemalloc, mimalloc,
-    /// system); repeatable. Each case runs those it supports.
+    /// Run only these allocators (kmem, kmem+touch, buddy, buddy-pow2, slabmalloc, jemalloc,
+    /// mimalloc, system, mmap, mmap+touch); repeatable. Each case runs those it supports.
     #[arg(long = "alloc", value_parser = parse_alloc)]
     allocators: Vec<Allocator>,
     /// Cross-free: objects per batch (default 64).
@@ -68,7 +69,7 @@ fn parse_case(s: &str) -> Result<Vec<Case>, String> {
     Case::group(s).ok_or_else(|| {
         let names: Vec<&str> = Case::ALL.iter().map(|c| c.name()).collect();
         format!(
-            "unknown case {s:?} ({}, or a group: page, slab, all)",
+            "unknown case {s:?} ({}, or a group: page, slab, vmalloc, all)",
             names.join(", ")
         )
     })
@@ -77,8 +78,8 @@ fn parse_case(s: &str) -> Result<Vec<Case>, String> {
 fn parse_alloc(s: &str) -> Result<Allocator, String> {
     Allocator::from_name(s).ok_or_else(|| {
         format!(
-            "unknown allocator {s:?} (kmem, buddy, buddy-pow2, slabmalloc, jemalloc, mimalloc, \
-             system)"
+            "unknown allocator {s:?} (kmem, kmem+touch, buddy, buddy-pow2, slabmalloc, jemalloc, \
+             mimalloc, system, mmap, mmap+touch)"
         )
     })
 }

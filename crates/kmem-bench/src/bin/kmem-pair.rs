@@ -142,6 +142,13 @@ fn main() -> ExitCode {
                 eprintln!("kmem-pair: slabmalloc has no page pair (see kmem-kmalloc-pair --cache)");
                 return ExitCode::FAILURE;
             }
+            Allocator::KmemTouch | Allocator::Mmap | Allocator::MmapTouch => {
+                eprintln!(
+                    "kmem-pair: {} has no page pair (vmalloc cases only)",
+                    args.peer
+                );
+                return ExitCode::FAILURE;
+            }
         };
         (args.peer.name(), t)
     };
