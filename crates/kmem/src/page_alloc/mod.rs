@@ -252,7 +252,7 @@ impl<P: Platform> PageAlloc<P> {
     /// Context: may sleep if `gfp` allows direct reclaim (`GFP_KERNEL`); never sleeps for
     /// `GFP_ATOMIC`/`GFP_NOWAIT`. Returns the first page's descriptor, or `None` (reported
     /// unless `__GFP_NOWARN`). HighMem pages are returned only with `__GFP_HIGHMEM`.
-    #[inline]
+    #[inline(always)]
     pub fn alloc_pages(&self, gfp: Gfp, order: u32) -> Option<&Page> {
         let highest = self.zone_table[(gfp.bits() & GFP_ZONEMASK.bits()) as usize];
         if highest == BAD_ZONE || order > MAX_PAGE_ORDER {
@@ -429,7 +429,7 @@ impl<P: Platform> PageAlloc<P> {
     /// # Safety
     ///
     /// If the page is a live allocation, nothing may use its memory after this call.
-    #[inline]
+    #[inline(always)]
     pub unsafe fn __free_pages(&self, page: &Page, order: u32) {
         let Some(idx) = self.mm.checked_index(page) else {
             return self.bad_address(page as *const Page as usize, "not a page descriptor");

@@ -329,30 +329,40 @@ impl CpuSet {
         }
     }
 
-    /// `cpu_guard`. Fast path: this thread's front slot is this machine's, it holds no guard
-    /// and still owns its sticky vCPU.
+    /// The biased fast path shared by `guard` and `with_cpu`: when this thread's front slot
+    /// is this machine's, holds no guard and still owns its sticky vCPU, marks the seat busy
+    /// on it and returns the seat and the CPU. `None` (seat possibly marked busy for a vCPU
+    /// it lost: the slow paths set it right) sends the caller to the slow path.
+    #[inline(always)]
+    fn sticky_fast<'t>(&self, s: &'t Slot) -> Option<(&'t Seat, u32)> {
+        if s.id.get() != self.id || s.count.get() != 0 {
+            return None;
+        }
+        let v = s.sticky.get();
+        if v.is_null() {
+            return None;
+        }
+        let seat = s.seat.get();
+        let cpu = s.sticky_cpu.get();
+        // SAFETY: the slot is this machine's (ids are never reused) and the machine is alive
+        // (`self` borrows it), so its seat and sticky vCPU point into the machine's live
+        // `Shared`, which outlives the slot's use on this thread.
+        let (seat_r, v_r) = unsafe { (&*seat, &*v) };
+        seat_r.busy.store(cpu + 1, Ordering::Release);
+        compiler_fence(Ordering::SeqCst);
+        (v_r.owner.load(Ordering::Acquire) == seat as u64).then_some((seat_r, cpu))
+    }
+
+    /// `cpu_guard`. Fast path: [`CpuSet::sticky_fast`], then the guard's bookkeeping.
     #[inline(always)]
     pub(super) fn guard(&self) -> HostedGuard<'_> {
         let t = thread_state();
         let s = t.first();
-        if s.id.get() == self.id && s.count.get() == 0 {
-            let v = s.sticky.get();
-            if !v.is_null() {
-                let seat = s.seat.get();
-                let cpu = s.sticky_cpu.get();
-                // SAFETY: the slot is this machine's (ids are never reused) and the machine
-                // is alive (`self` borrows it), so its seat and sticky vCPU point into the
-                // machine's live `Shared`.
-                let (seat_r, v_r) = unsafe { (&*seat, &*v) };
-                seat_r.busy.store(cpu + 1, Ordering::Release);
-                compiler_fence(Ordering::SeqCst);
-                if v_r.owner.load(Ordering::Acquire) == seat as u64 {
-                    s.sdepth.set(1);
-                    s.count.set(1);
-                    s.cur.set(cpu);
-                    return HostedGuard::new(s, cpu, true, false);
-                }
-            }
+        if let Some((_, cpu)) = self.sticky_fast(s) {
+            s.sdepth.set(1);
+            s.count.set(1);
+            s.cur.set(cpu);
+            return HostedGuard::new(s, cpu, true, false);
         }
         self.guard_slow(t)
     }
@@ -368,22 +378,10 @@ impl CpuSet {
     #[inline(always)]
     pub(super) unsafe fn with_cpu<R>(&self, f: impl FnOnce(usize, bool) -> R) -> R {
         let t = thread_state();
-        let s = t.first();
-        if s.id.get() == self.id && s.count.get() == 0 {
-            let v = s.sticky.get();
-            if !v.is_null() {
-                let seat = s.seat.get();
-                let cpu = s.sticky_cpu.get();
-                // SAFETY: as in `guard`: the slot is this machine's and the machine is alive.
-                let (seat_r, v_r) = unsafe { (&*seat, &*v) };
-                seat_r.busy.store(cpu + 1, Ordering::Release);
-                compiler_fence(Ordering::SeqCst);
-                if v_r.owner.load(Ordering::Acquire) == seat as u64 {
-                    let r = f(cpu as usize, false);
-                    seat_r.busy.store(0, Ordering::Release);
-                    return r;
-                }
-            }
+        if let Some((seat, cpu)) = self.sticky_fast(t.first()) {
+            let r = f(cpu as usize, false);
+            seat.busy.store(0, Ordering::Release);
+            return r;
         }
         let g = self.guard_slow(t);
         f(g.cpu(), g.nested())
