@@ -419,14 +419,16 @@ impl SlabAllocator {
         let mut idx = pa.addr_index(p)?;
         let mm = pa.mem_map();
         let mut page = mm.at(idx);
-        let mut state = page.state();
-        if state & pg::TAIL != 0 {
+        // One test for the common case, a slab's head page (every order-0 slab).
+        if page.state() & (pg::TAIL | pg::SLAB) != pg::SLAB {
+            if page.state() & pg::TAIL == 0 {
+                return None;
+            }
             idx = page.head.load(Relaxed) as u32;
             page = mm.at(idx);
-            state = page.state();
-        }
-        if state & pg::SLAB == 0 {
-            return None;
+            if page.state() & pg::SLAB == 0 {
+                return None;
+            }
         }
         // SAFETY: a SLAB head's `private` is the cache that owns it (set before the slab was
         // published, cleared after it was unpublished), and a cache outlives its slabs.
