@@ -10,7 +10,8 @@
 //! 4. [`slab`]: lookaside caches (`kmem_cache_*`), SLUB-style with per-CPU sheaves.
 //! 5. [`kmalloc`]: size classes over slab caches, large sizes from the page allocator.
 //! 7. [`report`]: `/proc/buddyinfo`, `zoneinfo`, `meminfo` and `slabinfo` in Linux's formats.
-//! 6. [`vmalloc`]: virtually contiguous areas of scattered pages, mapped through the platform;
+//! 6. [`mempool`]: reserves that keep allocations working when memory runs out;
+//!    [`vmalloc`]: virtually contiguous areas of scattered pages, mapped through the platform;
 //!    [`sg`]: scatter/gather tables and big buffers from the highest orders available.
 //! 8. [`boxed`]: typed owners (`KBox`, `KVec`, `KmemCache<T>`, `CacheBox`) that free on drop.
 //!
@@ -35,6 +36,7 @@ pub mod kmalloc;
 mod kmem;
 pub mod kvmalloc;
 pub mod memblock;
+pub mod mempool;
 pub mod page_alloc;
 pub mod platform;
 pub mod report;
