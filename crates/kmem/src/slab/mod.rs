@@ -1,7 +1,7 @@
 //! Lookaside caches (SLUB with per-CPU sheaves): `kmem_cache_create` and friends.
 //!
 //! A cache hands out objects of one size. Its objects live in slabs (page allocations, see
-//! [`node`]); each CPU keeps a *sheaf* of free object pointers ([`sheaf`]). The fast paths
+//! `node.rs`); each CPU keeps a *sheaf* of free object pointers ([`sheaf`]). The fast paths
 //! push and pop the current CPU's sheaf under its CPU guard: no lock, no atomic
 //! read-modify-write. A full sheaf is parked whole in the cache's *barn* (up to
 //! `BARN_SHEAVES`), and an empty one takes a full sheaf from it, so objects freed on one CPU

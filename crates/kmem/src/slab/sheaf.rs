@@ -3,7 +3,7 @@
 //! A sheaf is an array of free object pointers owned by one CPU for one cache. Allocation pops
 //! the last pointer, free pushes one: no lock, no atomic read-modify-write, nothing written
 //! into the object. An empty sheaf is refilled with half its capacity from the cache's slabs,
-//! a full one flushes half back ([`super::node`]); both under the cache's node lock.
+//! a full one flushes half back (`node.rs`); both under the cache's node lock.
 //!
 //! This is the design Linux is moving SLUB to ("sheaves", 6.18): a free from another CPU lands
 //! in *that* CPU's sheaf, so cross-CPU frees never touch the owner's fast path, and no
