@@ -7,6 +7,9 @@
 //!
 //! Every test boots its own small simulated machine ([`Machine`]).
 
+mod common;
+use common::{bytes, check_pat, pat, write_pat};
+
 use std::time::{Duration, Instant};
 
 use kmem::addr::{NR_PAGE_ORDERS, PAGE_SIZE, Pfn, VirtAddr, get_order};
@@ -57,30 +60,6 @@ fn kfree(m: &Machine, p: *mut u8) {
     // SAFETY: callers pass a live kmalloc allocation they own and forget (or a pointer the
     // test expects to be rejected).
     unsafe { m.kfree(p) };
-}
-
-#[allow(clippy::mut_from_ref)]
-fn bytes<'a>(p: *mut u8, len: usize) -> &'a mut [u8] {
-    // SAFETY: callers pass an allocation they own of at least `len` bytes, and drop the
-    // slice before freeing it.
-    unsafe { std::slice::from_raw_parts_mut(p, len) }
-}
-
-fn pat(tag: usize, i: usize) -> u8 {
-    (tag.wrapping_mul(131).wrapping_add(i.wrapping_mul(7)) % 253) as u8 | 1
-}
-
-fn write_pat(p: *mut u8, len: usize, tag: usize) {
-    for (i, b) in bytes(p, len).iter_mut().enumerate() {
-        *b = pat(tag, i);
-    }
-}
-
-fn check_pat(p: *mut u8, len: usize, tag: usize) {
-    let b = bytes(p, len);
-    if let Some(i) = (0..len).find(|&i| b[i] != pat(tag, i)) {
-        panic!("{p:p} (tag {tag}) byte {i} is {:#x}", b[i]);
-    }
 }
 
 fn is_zero(p: *mut u8, len: usize) -> bool {

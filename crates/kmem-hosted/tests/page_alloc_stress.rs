@@ -23,9 +23,12 @@
 //! corrupted list).
 //! The `*_soak` variants (`#[ignore]`) run ten times as many operations.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+mod common;
+use common::Watchdog;
+
+use std::sync::Barrier;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use kmem::addr::{NR_PAGE_ORDERS, PAGE_SIZE, Pfn};
@@ -143,34 +146,6 @@ fn free(m: &Machine, b: Block) {
     // SAFETY: `page` heads a live block of order `b.order` owned by this thread (allocated
     // here or received over a channel); it is forgotten after this call.
     unsafe { m.__free_pages(page, b.order) };
-}
-
-/// Aborts the test process unless dropped within its time limit: a deadlock or a corrupted
-/// (cyclic) list would otherwise hang the test run instead of failing it.
-struct Watchdog(Arc<AtomicBool>);
-
-impl Watchdog {
-    fn new(name: &'static str, limit: Duration) -> Watchdog {
-        let done = Arc::new(AtomicBool::new(false));
-        let flag = done.clone();
-        std::thread::spawn(move || {
-            let t0 = Instant::now();
-            while !flag.load(Relaxed) {
-                if t0.elapsed() > limit {
-                    eprintln!("{name}: not done after {limit:?}: deadlock or livelock; aborting");
-                    std::process::abort();
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-        Watchdog(done)
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.0.store(true, Relaxed);
-    }
 }
 
 /// What boot left, to compare the end with.

@@ -12,6 +12,9 @@
 //! the kmalloc caches shrunk and the per-CPU page lists drained, `nr_free_pages` equals
 //! `boot_free_pages()`.
 
+mod common;
+use common::{bytes, check_pat, pat, write_pat};
+
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use kmem::addr::{NR_PAGE_ORDERS, PAGE_SIZE, Pfn, VirtAddr};
@@ -75,36 +78,6 @@ fn alloc(m: &Machine, c: &KmemCache) -> *mut u8 {
 fn free(m: &Machine, c: &KmemCache, p: *mut u8) {
     // SAFETY: callers pass a live object of `c` that they own and forget.
     unsafe { m.kmem_cache_free(c, p) };
-}
-
-/// The bytes of a live object.
-#[allow(clippy::mut_from_ref)]
-fn bytes<'a>(p: *mut u8, len: usize) -> &'a mut [u8] {
-    // SAFETY: callers pass an object (or allocation) they own, at least `len` bytes long,
-    // and drop the slice before freeing it.
-    unsafe { std::slice::from_raw_parts_mut(p, len) }
-}
-
-/// A byte pattern unique to `tag` at offset `i`.
-fn pat(tag: usize, i: usize) -> u8 {
-    (tag.wrapping_mul(31).wrapping_add(i.wrapping_mul(7)) % 251) as u8 | 1
-}
-
-fn write_pat(p: *mut u8, len: usize, tag: usize) {
-    for (i, b) in bytes(p, len).iter_mut().enumerate() {
-        *b = pat(tag, i);
-    }
-}
-
-fn check_pat(p: *mut u8, len: usize, tag: usize) {
-    let b = bytes(p, len);
-    if let Some(i) = (0..len).find(|&i| b[i] != pat(tag, i)) {
-        panic!(
-            "object {p:p} (tag {tag}) byte {i} is {:#x}, expected {:#x}",
-            b[i],
-            pat(tag, i)
-        );
-    }
 }
 
 /// Objects in use by callers: taken out of the slabs and not sitting in a CPU sheaf.

@@ -21,9 +21,12 @@
 //! equal their values right after boot, `validate()` passes and nothing was reported. The
 //! `*_soak` variants (`#[ignore]`) run ten times as many operations.
 
+mod common;
+use common::Watchdog;
+
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, SyncSender, channel, sync_channel};
-use std::sync::{Arc, Barrier, LazyLock};
+use std::sync::{Barrier, LazyLock};
 use std::time::{Duration, Instant};
 
 use kmem::addr::NR_PAGE_ORDERS;
@@ -177,34 +180,6 @@ fn free_obj(m: &Machine, cs: Caches<'_>, o: Obj) {
             // back in its constructed state.
             unsafe { m.kmem_cache_free(cs.ctor, o.addr as *mut u8) }
         }
-    }
-}
-
-/// Aborts the test process unless dropped within its time limit: a deadlock would
-/// otherwise hang the test run instead of failing it.
-struct Watchdog(Arc<AtomicBool>);
-
-impl Watchdog {
-    fn new(name: &'static str, limit: Duration) -> Watchdog {
-        let done = Arc::new(AtomicBool::new(false));
-        let flag = done.clone();
-        std::thread::spawn(move || {
-            let t0 = Instant::now();
-            while !flag.load(Relaxed) {
-                if t0.elapsed() > limit {
-                    eprintln!("{name}: not done after {limit:?}: deadlock or livelock; aborting");
-                    std::process::abort();
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-        Watchdog(done)
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.0.store(true, Relaxed);
     }
 }
 

@@ -18,6 +18,9 @@
 //! Tests that map many pages take [`HEAVY`], so that parallel
 //! tests stay below the host's `vm.max_map_count` (each mapped page can be a host mapping).
 
+mod common;
+use common::{bytes, check_pat, pat, write_pat};
+
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
@@ -162,30 +165,6 @@ impl T {
                 self.vm().vmalloc_to_pfn(self.cx(), va).expect("mapped").0
             })
             .collect()
-    }
-}
-
-#[allow(clippy::mut_from_ref)]
-fn bytes<'a>(p: *mut u8, len: usize) -> &'a mut [u8] {
-    // SAFETY: callers pass a live area of at least `len` mapped bytes that they own, and
-    // drop the slice before freeing it.
-    unsafe { std::slice::from_raw_parts_mut(p, len) }
-}
-
-fn pat(tag: usize, i: usize) -> u8 {
-    (tag.wrapping_mul(131).wrapping_add(i.wrapping_mul(7)) % 251) as u8 | 1
-}
-
-fn write_pat(p: *mut u8, len: usize, tag: usize) {
-    for (i, b) in bytes(p, len).iter_mut().enumerate() {
-        *b = pat(tag, i);
-    }
-}
-
-fn check_pat(p: *mut u8, len: usize, tag: usize) {
-    let b = bytes(p, len);
-    if let Some(i) = (0..len).find(|&i| b[i] != pat(tag, i)) {
-        panic!("{p:p} (tag {tag}) byte {i} is {:#x}", b[i]);
     }
 }
 

@@ -1,0 +1,69 @@
+//! Helpers shared by the integration tests: byte patterns written into allocations and
+//! checked before they are freed, and a watchdog that turns a hang into a failure.
+
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+/// The `len` bytes at `p` as a slice.
+#[allow(clippy::mut_from_ref)]
+pub fn bytes<'a>(p: *mut u8, len: usize) -> &'a mut [u8] {
+    // SAFETY: callers pass an allocation they own of at least `len` bytes, and drop the
+    // slice before freeing it.
+    unsafe { std::slice::from_raw_parts_mut(p, len) }
+}
+
+/// A byte pattern unique to `tag` at offset `i` (never 0, so zeroed memory never matches).
+pub fn pat(tag: usize, i: usize) -> u8 {
+    (tag.wrapping_mul(31).wrapping_add(i.wrapping_mul(7)) % 251) as u8 | 1
+}
+
+/// Fills `len` bytes at `p` with `tag`'s pattern.
+pub fn write_pat(p: *mut u8, len: usize, tag: usize) {
+    for (i, b) in bytes(p, len).iter_mut().enumerate() {
+        *b = pat(tag, i);
+    }
+}
+
+/// Panics unless `len` bytes at `p` still hold `tag`'s pattern.
+pub fn check_pat(p: *mut u8, len: usize, tag: usize) {
+    let b = bytes(p, len);
+    if let Some(i) = (0..len).find(|&i| b[i] != pat(tag, i)) {
+        panic!(
+            "{p:p} (tag {tag}) byte {i} is {:#x}, expected {:#x}",
+            b[i],
+            pat(tag, i)
+        );
+    }
+}
+
+/// Aborts the process if it is still alive after `limit`: a deadlock or livelock fails the
+/// test run instead of hanging it. Dropping it disarms it.
+pub struct Watchdog(Arc<AtomicBool>);
+
+impl Watchdog {
+    /// Arms a watchdog named `name`.
+    pub fn new(name: &'static str, limit: Duration) -> Watchdog {
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            while !flag.load(Relaxed) {
+                if t0.elapsed() > limit {
+                    eprintln!("{name}: not done after {limit:?}: deadlock or livelock; aborting");
+                    std::process::abort();
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Watchdog(done)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.store(true, Relaxed);
+    }
+}
