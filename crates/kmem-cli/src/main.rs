@@ -57,6 +57,7 @@ enum ProcFile {
     Meminfo,
     Slabinfo,
     Vmallocinfo,
+    Pagetypeinfo,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -137,6 +138,7 @@ fn main() -> ExitCode {
                 ProcFile::Meminfo => "meminfo",
                 ProcFile::Slabinfo => "slabinfo",
                 ProcFile::Vmallocinfo => "vmallocinfo",
+                ProcFile::Pagetypeinfo => "pagetypeinfo",
             };
             let text = machine.proc(name).expect("known report");
             out.write_all(text.as_bytes()).map_err(|e| e.to_string())

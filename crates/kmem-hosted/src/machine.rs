@@ -326,10 +326,20 @@ impl Machine {
         s
     }
 
+    /// `/proc/pagetypeinfo` (see [`report::pagetypeinfo`] for how kmem, which has no
+    /// migrate types, renders it).
+    pub fn proc_pagetypeinfo(&self) -> String {
+        let mut s = String::new();
+        report::pagetypeinfo(self.kmem.pages(), &self.memblock, &mut s)
+            .expect("String never fails");
+        s
+    }
+
     /// The report named as under `/proc` ("buddyinfo", "zoneinfo", "meminfo", "slabinfo",
-    /// "vmallocinfo").
+    /// "vmallocinfo", "pagetypeinfo").
     pub fn proc(&self, name: &str) -> Option<String> {
         match name {
+            "pagetypeinfo" => Some(self.proc_pagetypeinfo()),
             "vmallocinfo" => Some(self.proc_vmallocinfo()),
             "buddyinfo" => Some(self.proc_buddyinfo()),
             "zoneinfo" => Some(self.proc_zoneinfo()),
