@@ -146,7 +146,9 @@ impl<P: Platform> Drop for KfreeOnDrop<'_, P> {
 mod cache;
 mod kbox;
 mod kvec;
+mod pool;
 
 pub use cache::{CacheBox, Constructed, KmemCache};
 pub use kbox::KBox;
 pub use kvec::KVec;
+pub use pool::{KMempool, PoolAllocError, PoolBox};
