@@ -3,6 +3,7 @@
 //!
 //! [`Config::default`] is the x86_64 layout with Linux's default tunables.
 
+use crate::fault::FaultParams;
 use crate::gfp::{MAX_NR_ZONES, ZoneType};
 
 /// Where each zone ends in physical memory.
@@ -105,6 +106,12 @@ pub struct Config {
     pub init_on_alloc: bool,
     /// Merge compatible slab caches (Linux's default; `slab_nomerge` turns it off).
     pub slab_merge: bool,
+    /// `failslab=<interval>,<probability>,<space>,<times>`: fault injection into slab
+    /// allocations (see [`crate::fault`]); disabled by default.
+    pub failslab: FaultParams,
+    /// `fail_page_alloc=<interval>,<probability>,<space>,<times>`: fault injection into the
+    /// page allocator (see [`crate::fault`]); disabled by default.
+    pub fail_page_alloc: FaultParams,
 }
 
 impl Default for Config {
@@ -119,6 +126,8 @@ impl Default for Config {
             init_on_free: false,
             init_on_alloc: false,
             slab_merge: true,
+            failslab: FaultParams::DISABLED,
+            fail_page_alloc: FaultParams::DISABLED,
         }
     }
 }

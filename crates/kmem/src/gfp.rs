@@ -274,23 +274,79 @@ pub const fn gfp_is_atomic(gfp: Gfp) -> bool {
     gfp.0 & __GFP_HIGH.0 != 0 && !gfpflags_allow_blocking(gfp)
 }
 
+/// The composite masks `%pGg` prints by name, largest first.
+const COMPOSITES: &[(Gfp, &str)] = &[
+    (GFP_HIGHUSER_MOVABLE, "GFP_HIGHUSER_MOVABLE"),
+    (GFP_HIGHUSER, "GFP_HIGHUSER"),
+    (GFP_USER, "GFP_USER"),
+    (GFP_KERNEL_ACCOUNT, "GFP_KERNEL_ACCOUNT"),
+    (GFP_KERNEL, "GFP_KERNEL"),
+    (GFP_NOFS, "GFP_NOFS"),
+    (GFP_ATOMIC, "GFP_ATOMIC"),
+    (GFP_NOIO, "GFP_NOIO"),
+    (GFP_NOWAIT, "GFP_NOWAIT"),
+    (GFP_DMA32, "GFP_DMA32"),
+    (GFP_DMA, "GFP_DMA"),
+];
+
+/// A GFP mask could not be read ([`Gfp::parse`]): the part that is not a flag name or a
+/// number.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct ParseGfpError<'a>(pub &'a str);
+
+impl fmt::Display for ParseGfpError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "\"{}\" is not a GFP flag (expected names such as GFP_KERNEL, GFP_ATOMIC, \
+             __GFP_ZERO joined by '|', or a number such as 0xcc0)",
+            self.0
+        )
+    }
+}
+
+impl core::error::Error for ParseGfpError<'_> {}
+
+impl Gfp {
+    /// Reads a mask written as Linux prints one (`%pGg`): composite and single flag names
+    /// (`GFP_KERNEL`, `__GFP_ZERO`, `__GFP_RECLAIM`, ...) and numbers (`0x100`, `256`) joined
+    /// by `|`, with optional spaces around each part. `0` is the empty mask. Every mask's
+    /// [`Display`](fmt::Display) form reads back as the same mask.
+    ///
+    /// ```
+    /// use kmem::gfp::*;
+    /// assert_eq!(Gfp::parse("GFP_KERNEL|__GFP_ZERO"), Ok(GFP_KERNEL | __GFP_ZERO));
+    /// assert_eq!(Gfp::parse("0x820"), Ok(GFP_ATOMIC));
+    /// assert!(Gfp::parse("GFP_KERNAL").is_err());
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`ParseGfpError`] naming the first part that is neither a known name nor a number.
+    pub fn parse(s: &str) -> Result<Gfp, ParseGfpError<'_>> {
+        let mut mask = 0u32;
+        for part in s.split('|') {
+            let part = part.trim();
+            let named = COMPOSITES
+                .iter()
+                .chain(FLAG_NAMES)
+                .chain(&[(__GFP_RECLAIM, "__GFP_RECLAIM")])
+                .find(|(_, name)| *name == part)
+                .map(|(g, _)| g.0);
+            let number = || match part.strip_prefix("0x").or_else(|| part.strip_prefix("0X")) {
+                Some(hex) => u32::from_str_radix(hex, 16).ok(),
+                None => part.parse::<u32>().ok(),
+            };
+            mask |= named.or_else(number).ok_or(ParseGfpError(part))?;
+        }
+        Ok(Gfp(mask))
+    }
+}
+
 impl fmt::Display for Gfp {
     /// Prints the mask as Linux's `%pGg` does: composite names first (`GFP_KERNEL`), then the
     /// remaining single flags, joined by `|`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const COMPOSITES: &[(Gfp, &str)] = &[
-            (GFP_HIGHUSER_MOVABLE, "GFP_HIGHUSER_MOVABLE"),
-            (GFP_HIGHUSER, "GFP_HIGHUSER"),
-            (GFP_USER, "GFP_USER"),
-            (GFP_KERNEL_ACCOUNT, "GFP_KERNEL_ACCOUNT"),
-            (GFP_KERNEL, "GFP_KERNEL"),
-            (GFP_NOFS, "GFP_NOFS"),
-            (GFP_ATOMIC, "GFP_ATOMIC"),
-            (GFP_NOIO, "GFP_NOIO"),
-            (GFP_NOWAIT, "GFP_NOWAIT"),
-            (GFP_DMA32, "GFP_DMA32"),
-            (GFP_DMA, "GFP_DMA"),
-        ];
         if self.0 == 0 {
             return f.write_str("0");
         }
@@ -412,6 +468,36 @@ mod tests {
         assert!(gfp_is_atomic(GFP_ATOMIC));
         assert!(!gfp_is_atomic(GFP_NOWAIT));
         assert!(!gfp_is_atomic(GFP_KERNEL | __GFP_HIGH));
+    }
+
+    #[test]
+    fn parse_reads_what_display_prints() {
+        assert_eq!(Gfp::parse("GFP_KERNEL"), Ok(GFP_KERNEL));
+        assert_eq!(
+            Gfp::parse("GFP_ATOMIC|__GFP_NOWARN"),
+            Ok(GFP_ATOMIC | __GFP_NOWARN)
+        );
+        assert_eq!(
+            Gfp::parse(" GFP_NOWAIT | __GFP_ZERO "),
+            Ok(GFP_NOWAIT | __GFP_ZERO)
+        );
+        assert_eq!(Gfp::parse("0"), Ok(Gfp::NONE));
+        assert_eq!(Gfp::parse("0xcc0"), Ok(GFP_KERNEL));
+        assert_eq!(Gfp::parse("3264"), Ok(GFP_KERNEL));
+        assert_eq!(Gfp::parse("__GFP_RECLAIM|__GFP_IO"), Ok(GFP_NOFS));
+        assert_eq!(Gfp::parse("GFP_KERNAL"), Err(ParseGfpError("GFP_KERNAL")));
+        assert_eq!(Gfp::parse("GFP_KERNEL|"), Err(ParseGfpError("")));
+        assert_eq!(Gfp::parse("0x1g"), Err(ParseGfpError("0x1g")));
+        assert_eq!(Gfp::parse("gfp_kernel"), Err(ParseGfpError("gfp_kernel")));
+        let mut buf = [0u8; 1024];
+        for bits in (0..1u32 << 23)
+            .step_by(4099)
+            .chain([0x100cca, 0xcc0 | 0x4000_0000])
+        {
+            let g = Gfp(bits);
+            let text = crate::fmt_util::format_into(&mut buf, format_args!("{g}"));
+            assert_eq!(Gfp::parse(text), Ok(g), "{text}");
+        }
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub mod addr;
 pub mod boxed;
 pub mod cmdline;
 pub mod config;
+pub mod fault;
 pub mod fmt_util;
 pub mod gfp;
 pub mod kmalloc;

@@ -283,6 +283,7 @@ impl<P: Platform> PageAlloc<P> {
             bad_pages: AtomicUsize::new(0),
             alloc_failures: AtomicUsize::new(0),
             info,
+            faults: crate::fault::Faults::new(config.failslab, config.fail_page_alloc),
         };
         pa.free_all_boot_memory(memblock);
         pa.log_boot();

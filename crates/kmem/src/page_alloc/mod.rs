@@ -108,6 +108,7 @@ pub struct PageAlloc<P: Platform> {
     bad_pages: AtomicUsize,
     alloc_failures: AtomicUsize,
     info: BootInfo,
+    faults: crate::fault::Faults,
 }
 
 // SAFETY: `pcp` points into memory owned by this allocator for its whole life, and each CPU's
@@ -193,6 +194,11 @@ impl<P: Platform> PageAlloc<P> {
             .sum()
     }
 
+    /// The fault-injection points (`failslab`, `fail_page_alloc`).
+    pub fn faults(&self) -> &crate::fault::Faults {
+        &self.faults
+    }
+
     /// Bad-page reports made so far (each also logged).
     pub fn bad_page_reports(&self) -> usize {
         self.bad_pages.load(Relaxed)
@@ -257,6 +263,9 @@ impl<P: Platform> PageAlloc<P> {
         let highest = self.zone_table[(gfp.bits() & GFP_ZONEMASK.bits()) as usize];
         if highest == BAD_ZONE || order > MAX_PAGE_ORDER {
             return self.alloc_invalid(gfp, order);
+        }
+        if self.faults.fail_page_alloc.should_fail_alloc_page(&self.platform, gfp, order) {
+            return None;
         }
         let highest = highest as usize;
         let flags = AllocFlags(AllocFlags::WMARK_LOW);
