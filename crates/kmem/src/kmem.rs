@@ -14,6 +14,7 @@ use crate::kmalloc::Kmalloc;
 use crate::memblock::Memblock;
 use crate::page_alloc::page::Page;
 use crate::page_alloc::{BootError, PageAlloc};
+use crate::percpu::{PercpuAllocator, PercpuPtr, Zeroable};
 use crate::platform::PageProt;
 use crate::platform::Platform;
 use crate::slab::shrink::SlabShrinker;
@@ -27,6 +28,7 @@ pub struct Kmem<P: Platform> {
     kmalloc: Kmalloc,
     shrinker: SlabShrinker<P>,
     vmalloc: Vmalloc,
+    percpu: PercpuAllocator,
     boot_free_pages: usize,
 }
 
@@ -38,6 +40,17 @@ impl<P: Platform> Kmem<P> {
     /// `platform`'s direct map below the layout's low-memory end. Call [`Kmem::late_init`]
     /// once the value sits where it will stay.
     pub fn boot(memblock: &mut Memblock, config: Config, platform: P) -> Result<Self, BootError> {
+        // `setup_per_cpu_areas`: the first per-CPU chunk, a unit per possible CPU, embedded
+        // in low memory before the buddy allocator takes the rest over.
+        let nr_units = platform.nr_cpu_ids();
+        let first_chunk = memblock
+            .phys_alloc_range(
+                PercpuAllocator::first_chunk_size(nr_units) as u64,
+                crate::addr::PAGE_SIZE as u64,
+                0,
+                config.layout.lowmem_end(),
+            )
+            .ok_or(BootError::NoBootMemory)?;
         let pages = PageAlloc::boot(memblock, config, platform)?;
         let slab = SlabAllocator::new();
         slab.set_merge(config.slab_merge);
@@ -51,6 +64,10 @@ impl<P: Platform> Kmem<P> {
             VmCtx::new(&pages, &slab, &kmalloc),
         )
         .ok_or(BootError::NoBootMemory)?;
+        let first_base = pages.platform().direct_map_base() + first_chunk as usize;
+        // SAFETY: the first chunk was reserved in memblock above, so the page allocator never
+        // hands it out; it lies below the low-memory end, in the direct map, for good.
+        let percpu = unsafe { PercpuAllocator::new(pages.platform(), nr_units, first_base) };
         // Boot leaves no page on a per-CPU list: the free lists hold all free memory.
         pages.drain_all_pages();
         let boot_free_pages = pages.nr_free_pages();
@@ -61,6 +78,7 @@ impl<P: Platform> Kmem<P> {
             kmalloc,
             shrinker: SlabShrinker::new(),
             vmalloc,
+            percpu,
         })
     }
 
@@ -357,10 +375,61 @@ impl<P: Platform> Kmem<P> {
         unsafe { self.vmalloc.free_vm_area(self.vm_ctx(), area) }
     }
 
+    // ------------------------------------------------------------------ per-CPU memory
+
+    /// The per-CPU allocator: statistics (`Percpu` in meminfo) and chunk state.
+    pub fn percpu(&self) -> &PercpuAllocator {
+        &self.percpu
+    }
+
+    /// `alloc_percpu::<T>()`: a zeroed `T` for every possible CPU, with `GFP_KERNEL`.
+    ///
+    /// Context: may sleep. See [`PercpuAllocator::alloc`] for limits and reports.
+    pub fn alloc_percpu<T: Zeroable>(&self) -> Option<PercpuPtr<T>> {
+        self.alloc_percpu_gfp(crate::gfp::GFP_KERNEL)
+    }
+
+    /// `alloc_percpu_gfp::<T>(gfp)`: an atomic `gfp` is served from existing chunks only.
+    pub fn alloc_percpu_gfp<T: Zeroable>(&self, gfp: Gfp) -> Option<PercpuPtr<T>> {
+        let p = self.__alloc_percpu_gfp(
+            core::mem::size_of::<T>().max(1),
+            core::mem::align_of::<T>(),
+            gfp,
+        )?;
+        Some(p.cast())
+    }
+
+    /// `__alloc_percpu(size, align)` with `GFP_KERNEL`.
+    pub fn __alloc_percpu(&self, size: usize, align: usize) -> Option<PercpuPtr<u8>> {
+        self.__alloc_percpu_gfp(size, align, crate::gfp::GFP_KERNEL)
+    }
+
+    /// `__alloc_percpu_gfp(size, align, gfp)`; see [`PercpuAllocator::alloc`].
+    pub fn __alloc_percpu_gfp(&self, size: usize, align: usize, gfp: Gfp) -> Option<PercpuPtr<u8>> {
+        let p = self
+            .percpu
+            .alloc(self.vm_ctx(), &self.vmalloc, size, align, gfp)?;
+        Some(PercpuPtr::from_raw(p))
+    }
+
+    /// `free_percpu`; see [`PercpuAllocator::free`].
+    ///
+    /// # Safety
+    ///
+    /// If `ptr` is a live allocation, no CPU's copy may be used after this call.
+    pub unsafe fn free_percpu<T>(&self, ptr: PercpuPtr<T>) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            self.percpu
+                .free(self.vm_ctx(), &self.vmalloc, ptr.addr() as *mut u8)
+        }
+    }
+
     /// Checks the page allocator's free lists and every cache's slabs (for tests).
     pub fn validate(&self) -> Result<(), &'static str> {
         self.pages.check_free_lists()?;
         self.vmalloc.validate()?;
+        self.percpu.validate()?;
         self.slab.validate(&self.pages)
     }
 }

@@ -13,6 +13,8 @@
 //! 6. [`mempool`]: reserves that keep allocations working when memory runs out;
 //!    [`vmalloc`]: virtually contiguous areas of scattered pages, mapped through the platform;
 //!    [`sg`]: scatter/gather tables and big buffers from the highest orders available.
+//!    [`percpu`]: per-CPU variables, static ([`PerCpu`](percpu::PerCpu)) and dynamic
+//!    (`alloc_percpu`, chunks with a unit per CPU), and `percpu_counter`.
 //! 8. [`boxed`]: typed owners (`KBox`, `KVec`, `KmemCache<T>`, `CacheBox`) that free on drop.
 //!
 //! [`Kmem::boot`] runs the kernel's boot order: memblock hands its
@@ -39,6 +41,7 @@ pub mod kvmalloc;
 pub mod memblock;
 pub mod mempool;
 pub mod page_alloc;
+pub mod percpu;
 pub mod platform;
 pub mod report;
 pub mod sg;

@@ -289,7 +289,7 @@ impl MemInfo {
             slab_unreclaimable,
             vmalloc_total_kb: kmem.vmalloc_space().vmalloc_total_kb(),
             vmalloc_used: kmem.vmalloc_space().vmalloc_nr_pages(),
-            percpu: 0,
+            percpu: kmem.percpu().nr_pages(),
             direct_map_kb: (lowmem_pages * PAGE_SIZE / 1024) as u64,
         }
     }
