@@ -6,6 +6,7 @@
 //! * [`machine::Machine`] boots kmem on such a platform from a memory map and a
 //!   configuration, and prints the `/proc` reports.
 
+pub mod boot_params;
 pub mod machine;
 pub mod platform;
 

@@ -58,6 +58,10 @@ pub struct MachineConfig {
     /// [module docs](self)). The size is rounded up to whole pages and the alignment (a power
     /// of two; 0 means a page) raised to at least a page. Empty by default.
     pub boot_buffers: Vec<(String, u64, u64)>,
+    /// The kernel command line this configuration was made from
+    /// ([`MachineConfig::with_cmdline`]), with what it asked for that the fields above do not
+    /// hold; its log lines are the first the machine prints. `None` by default.
+    pub boot_params: Option<crate::boot_params::BootParams>,
 }
 
 impl Default for MachineConfig {
@@ -70,6 +74,7 @@ impl Default for MachineConfig {
             vmalloc_size: GIB,
             kmem: Config::default(),
             boot_buffers: Vec::new(),
+            boot_params: None,
         }
     }
 }
@@ -206,6 +211,9 @@ impl Machine {
             nr_cpus: config.nr_cpus,
         };
         let platform = HostedPlatform::new(spec).map_err(MachineError::Host)?;
+        for line in config.boot_params.iter().flat_map(|b| b.log()) {
+            platform.log(LogLevel::Info, format_args!("{line}"));
+        }
         let mut memblock = Memblock::new();
         for &(b, s) in &config.ram {
             memblock
