@@ -41,6 +41,15 @@
 //!   of pairs per sample ([`Options::vmalloc_sample_bytes`] over the size). There is no
 //!   target.
 //!
+//! Per-CPU case (see [`percpuwork`]):
+//!
+//! * [`Case::ThisCpuInc`]: two threads increment a counter at the same time: kmem's
+//!   `this_cpu_inc` on an `alloc_percpu::<u64>()` ([`Allocator::Kmem`]; each thread on its own
+//!   vCPU adds to its own copy), against one shared `AtomicU64::fetch_add`
+//!   ([`Allocator::SharedAtomic`], the target's peer) and a `thread_local!` cell
+//!   ([`Allocator::ThreadLocal`], a floor: no CPU section at all). One operation is one
+//!   increment on each thread; every sample checks the total.
+//!
 //! The harness ([`harness`]) warms every allocator up, then runs `rounds` rounds; in each
 //! round every allocator runs one timed sample, one after the other (kmem, then each peer), so
 //! drift on a shared machine affects all alike. The result per allocator is the median of its
@@ -70,6 +79,7 @@ pub mod crossfree;
 pub mod harness;
 pub mod objsource;
 pub mod objwork;
+pub mod percpuwork;
 pub mod report;
 pub mod source;
 pub mod vmwork;
@@ -117,6 +127,9 @@ pub enum Case {
     Vmalloc64k,
     /// One 1 MiB vmalloc+vfree pair per operation (peers: mmap+munmap).
     Vmalloc1m,
+    /// One `this_cpu_inc` on each of two threads at once per operation (peers: a shared
+    /// `AtomicU64::fetch_add`, a thread-local cell).
+    ThisCpuInc,
 }
 
 /// Object size of [`Case::CachePair256`].
@@ -145,6 +158,11 @@ const CACHE_PEERS: &[Allocator] = &[
     Allocator::Mimalloc,
     Allocator::System,
 ];
+const PERCPU_PEERS: &[Allocator] = &[
+    Allocator::Kmem,
+    Allocator::SharedAtomic,
+    Allocator::ThreadLocal,
+];
 const VMALLOC_PEERS: &[Allocator] = &[
     Allocator::Kmem,
     Allocator::KmemTouch,
@@ -154,7 +172,7 @@ const VMALLOC_PEERS: &[Allocator] = &[
 
 impl Case {
     /// Every case, in report order.
-    pub const ALL: [Case; 11] = [
+    pub const ALL: [Case; 12] = [
         Case::Order0Pair,
         Case::Churn,
         Case::KmallocPair16,
@@ -166,6 +184,7 @@ impl Case {
         Case::CrossFree,
         Case::Vmalloc64k,
         Case::Vmalloc1m,
+        Case::ThisCpuInc,
     ];
 
     /// The page-allocator cases.
@@ -185,6 +204,9 @@ impl Case {
     /// The vmalloc cases.
     pub const VMALLOC: [Case; 2] = [Case::Vmalloc64k, Case::Vmalloc1m];
 
+    /// The per-CPU cases.
+    pub const PERCPU: [Case; 1] = [Case::ThisCpuInc];
+
     /// Short name, as in the table, the CSV and `--case`.
     pub fn name(self) -> &'static str {
         match self {
@@ -199,6 +221,7 @@ impl Case {
             Case::CrossFree => "cross-free",
             Case::Vmalloc64k => "vmalloc-64k",
             Case::Vmalloc1m => "vmalloc-1m",
+            Case::ThisCpuInc => "this-cpu-inc",
         }
     }
 
@@ -208,13 +231,15 @@ impl Case {
     }
 
     /// The cases `name` stands for: one case by name, or a group: `page` ([`Case::PAGE`]),
-    /// `slab` ([`Case::SLAB`]), `vmalloc` ([`Case::VMALLOC`]) or `all`.
+    /// `slab` ([`Case::SLAB`]), `vmalloc` ([`Case::VMALLOC`]), `percpu` ([`Case::PERCPU`])
+    /// or `all`.
     pub fn group(name: &str) -> Option<Vec<Case>> {
         match name {
             "all" => Some(Case::ALL.to_vec()),
             "page" => Some(Case::PAGE.to_vec()),
             "slab" => Some(Case::SLAB.to_vec()),
             "vmalloc" => Some(Case::VMALLOC.to_vec()),
+            "percpu" => Some(Case::PERCPU.to_vec()),
             _ => Case::from_name(name).map(|c| vec![c]),
         }
     }
@@ -246,7 +271,12 @@ impl Case {
 
     /// True for the slab and kmalloc cases.
     pub fn is_slab(self) -> bool {
-        !self.is_page() && !self.is_vmalloc()
+        !self.is_page() && !self.is_vmalloc() && !self.is_percpu()
+    }
+
+    /// True for the per-CPU cases.
+    pub fn is_percpu(self) -> bool {
+        self == Case::ThisCpuInc
     }
 
     /// True for the vmalloc cases.
@@ -260,6 +290,7 @@ impl Case {
             Case::Order0Pair | Case::Churn => PAGE_PEERS,
             Case::CachePair256 => CACHE_PEERS,
             Case::Vmalloc64k | Case::Vmalloc1m => VMALLOC_PEERS,
+            Case::ThisCpuInc => PERCPU_PEERS,
             _ => MALLOC_PEERS,
         }
     }
@@ -302,11 +333,15 @@ pub enum Allocator {
     Mmap,
     /// The same, writing one byte to every page in between (vmalloc cases only).
     MmapTouch,
+    /// One `AtomicU64` shared by the threads, `fetch_add(1, Relaxed)` (per-CPU case only).
+    SharedAtomic,
+    /// A `thread_local!` `Cell<u64>` per thread (per-CPU case only).
+    ThreadLocal,
 }
 
 impl Allocator {
     /// Every allocator, kmem first, in report order.
-    pub const ALL: [Allocator; 10] = [
+    pub const ALL: [Allocator; 12] = [
         Allocator::Kmem,
         Allocator::KmemTouch,
         Allocator::Buddy,
@@ -317,6 +352,8 @@ impl Allocator {
         Allocator::System,
         Allocator::Mmap,
         Allocator::MmapTouch,
+        Allocator::SharedAtomic,
+        Allocator::ThreadLocal,
     ];
 
     /// Short name, as in the table and the CSV.
@@ -332,6 +369,8 @@ impl Allocator {
             Allocator::System => "system",
             Allocator::Mmap => "mmap",
             Allocator::MmapTouch => "mmap+touch",
+            Allocator::SharedAtomic => "atomic-fetch-add",
+            Allocator::ThreadLocal => "thread-local",
         }
     }
 
@@ -381,6 +420,10 @@ pub struct Options {
     /// vmalloc cases: bytes allocated (and freed) per timed sample; pairs = this / the
     /// case's size (at least 1), the same for every allocator.
     pub vmalloc_sample_bytes: usize,
+    /// Per-CPU case: increments per thread during warm-up.
+    pub percpu_warmup_incs: u64,
+    /// Per-CPU case: increments per thread per timed sample (the same for every counter).
+    pub percpu_incs: u64,
     /// Seed of the churns' operation sequences.
     pub seed: u64,
     /// RAM of kmem's machine, in bytes.
@@ -417,6 +460,8 @@ impl Default for Options {
             cross_batches: 2000,
             vmalloc_warmup_bytes: 64 << 20,
             vmalloc_sample_bytes: 128 << 20,
+            percpu_warmup_incs: 1_000_000,
+            percpu_incs: 4_000_000,
             seed: 0x6b6d_656d_6265_6e63,
             machine_ram: 256 << 20,
             machine_cpus: 2,
@@ -442,6 +487,8 @@ impl Options {
             cross_batches: 50,
             vmalloc_warmup_bytes: 1 << 20,
             vmalloc_sample_bytes: 4 << 20,
+            percpu_warmup_incs: 20_000,
+            percpu_incs: 100_000,
             ..Options::default()
         }
     }
@@ -694,6 +741,40 @@ fn run_case(
                 .collect();
             // Every area is freed when the samplers are dropped; `check_machine` then purges
             // the lazily freed ranges.
+            measure(case, samplers, opts, progress)
+        }
+        Case::ThisCpuInc => {
+            let kmem_counter = percpuwork::KmemCounter::new(machine);
+            let atomic = percpuwork::SharedAtomic::default();
+            let local = percpuwork::ThreadLocal::default();
+            let (warm, incs) = (opts.percpu_warmup_incs, opts.percpu_incs);
+            let samplers = allocators
+                .iter()
+                .map(|&a| {
+                    let s: Box<dyn Sampler + '_> = match a {
+                        Allocator::Kmem => Box::new(FixedSampler::new(
+                            |n| percpuwork::two_threads_plain(&kmem_counter, n),
+                            warm,
+                            incs,
+                            1,
+                        )),
+                        Allocator::SharedAtomic => Box::new(FixedSampler::new(
+                            |n| percpuwork::two_threads_plain(&atomic, n),
+                            warm,
+                            incs,
+                            1,
+                        )),
+                        Allocator::ThreadLocal => Box::new(FixedSampler::new(
+                            |n| percpuwork::two_threads_local(&local, n),
+                            warm,
+                            incs,
+                            1,
+                        )),
+                        _ => unreachable!("{a} does not run {case}"),
+                    };
+                    (a, s)
+                })
+                .collect();
             measure(case, samplers, opts, progress)
         }
         Case::CrossFree => std::thread::scope(|scope| {

@@ -153,6 +153,12 @@ impl Target {
             Target::new(slab, Case::KmallocChurn, BEST_MALLOC, 1.0),
             Target::new(slab, Case::CachePair256, BEST_MALLOC, 1.0),
             Target::new(slab, Case::CrossFree, BEST_MALLOC, 1.0),
+            Target::new(
+                "this_cpu_inc on two threads faster than a shared AtomicU64::fetch_add",
+                Case::ThisCpuInc,
+                &[Allocator::SharedAtomic],
+                1.0,
+            ),
         ]
     }
 
@@ -292,6 +298,10 @@ fn case_title(case: Case, opts: &Options) -> String {
             opts.cross_batch,
             opts.cross_ring
         ),
+        Case::ThisCpuInc => "this_cpu_inc of an alloc_percpu u64 on 2 threads at once \
+             (atomic-fetch-add: one shared AtomicU64; thread-local: a thread_local Cell); \
+             op = one increment on each thread"
+            .into(),
         Case::Vmalloc64k | Case::Vmalloc1m => {
             let size = case.vmalloc_size().unwrap_or(0);
             let size = if size >= 1 << 20 {

@@ -49,8 +49,9 @@ fn pow2_floor_and_names() {
         assert_eq!(c.is_slab(), Case::SLAB.contains(&c));
         assert_eq!(c.is_page(), Case::PAGE.contains(&c));
         assert_eq!(c.is_vmalloc(), Case::VMALLOC.contains(&c));
+        assert_eq!(c.is_percpu(), Case::PERCPU.contains(&c));
         assert_eq!(
-            [c.is_page(), c.is_slab(), c.is_vmalloc()]
+            [c.is_page(), c.is_slab(), c.is_vmalloc(), c.is_percpu()]
                 .iter()
                 .filter(|&&x| x)
                 .count(),

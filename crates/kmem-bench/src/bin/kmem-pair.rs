@@ -142,9 +142,13 @@ fn main() -> ExitCode {
                 eprintln!("kmem-pair: slabmalloc has no page pair (see kmem-kmalloc-pair --cache)");
                 return ExitCode::FAILURE;
             }
-            Allocator::KmemTouch | Allocator::Mmap | Allocator::MmapTouch => {
+            Allocator::KmemTouch
+            | Allocator::Mmap
+            | Allocator::MmapTouch
+            | Allocator::SharedAtomic
+            | Allocator::ThreadLocal => {
                 eprintln!(
-                    "kmem-pair: {} has no page pair (vmalloc cases only)",
+                    "kmem-pair: {} has no page pair (vmalloc and per-CPU cases only)",
                     args.peer
                 );
                 return ExitCode::FAILURE;
