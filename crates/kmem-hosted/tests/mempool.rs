@@ -235,6 +235,25 @@ fn destroying_a_short_pool_is_reported() {
     m.validate().unwrap();
 }
 
+/// `__GFP_ZERO` cannot be honoured by the reserve: the misuse is reported once per pool, as
+/// Linux's `VM_WARN_ON_ONCE`, and the allocation still succeeds.
+#[test]
+fn zeroed_requests_are_reported_once() {
+    let m = small_machine();
+    let pool = mempool_create_kmalloc_pool(m.kmem(), 2, 128).unwrap();
+    let a = pool.mempool_alloc(GFP_KERNEL | __GFP_ZERO).unwrap();
+    let b = pool.mempool_alloc(GFP_KERNEL | __GFP_ZERO).unwrap();
+    let log = m.platform().take_log().join("\n");
+    assert_eq!(log.matches("mempool_alloc with __GFP_ZERO").count(), 1, "{log}");
+    // SAFETY: both came from this pool and are freed once.
+    unsafe {
+        pool.mempool_free(a);
+        pool.mempool_free(b);
+    }
+    pool.mempool_destroy();
+    assert!(!m.platform().log_contains("pool not full"));
+}
+
 #[test]
 fn elements_are_conserved_across_threads() {
     const MIN_NR: usize = 2;

@@ -23,12 +23,12 @@
 
 use core::fmt;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use crate::addr::VirtAddr;
 use crate::gfp::{
     __GFP_DIRECT_RECLAIM, __GFP_HIGHMEM, __GFP_IO, __GFP_NOMEMALLOC, __GFP_NORETRY, __GFP_NOWARN,
-    GFP_KERNEL, Gfp, gfpflags_allow_blocking,
+    __GFP_ZERO, GFP_KERNEL, Gfp, gfpflags_allow_blocking,
 };
 use crate::kmem::Kmem;
 use crate::platform::{LogLevel, Platform};
@@ -170,6 +170,8 @@ pub struct Mempool<'k, P: Platform, S: PoolSource<P>> {
     lock: SpinLock<Reserve>,
     /// Bumped on every refill; sleepers in `mempool_alloc` wait on it (`pool->wait`).
     wait: AtomicU32,
+    /// The `__GFP_ZERO` misuse was reported.
+    warned_zero: AtomicBool,
 }
 
 // SAFETY: the reserve's raw pointers are owned by the pool and reached only under `lock`;
@@ -255,6 +257,7 @@ impl<'k, P: Platform, S: PoolSource<P>> Mempool<'k, P, S> {
                 curr_nr: 0,
             }),
             wait: AtomicU32::new(0),
+            warned_zero: AtomicBool::new(false),
         };
         // First fill: all or nothing (dropping `pool` frees what it got).
         while pool.lock.lock().curr_nr < min_nr {
@@ -302,6 +305,9 @@ impl<'k, P: Platform, S: PoolSource<P>> Mempool<'k, P, S> {
     ///
     /// Context: may sleep if `gfp` allows blocking.
     pub fn mempool_alloc(&self, gfp: Gfp) -> Option<NonNull<u8>> {
+        if gfp.contains(__GFP_ZERO) {
+            self.warn_zero();
+        }
         let gfp = gfp | __GFP_NOMEMALLOC | __GFP_NORETRY | __GFP_NOWARN;
         let mut gfp_temp = gfp.without(__GFP_DIRECT_RECLAIM | __GFP_IO);
         let pf = self.kmem.platform();
@@ -331,6 +337,21 @@ impl<'k, P: Platform, S: PoolSource<P>> Mempool<'k, P, S> {
                 seen = self.wait.load(Ordering::Acquire);
             }
             pf.wait(&self.wait, seen, MEMPOOL_WAIT_NS);
+        }
+    }
+
+    /// `VM_WARN_ON_ONCE(gfp_mask & __GFP_ZERO)`: an element from the reserve is not zeroed,
+    /// so asking a pool for zeroed memory is a caller bug. Reported once per pool; the
+    /// allocation goes on as in Linux.
+    #[cold]
+    fn warn_zero(&self) {
+        if !self.warned_zero.swap(true, Ordering::Relaxed) {
+            self.kmem.platform().log(
+                LogLevel::Warning,
+                format_args!(
+                    "WARNING: mempool_alloc with __GFP_ZERO: elements from the reserve are not zeroed"
+                ),
+            );
         }
     }
 
@@ -451,7 +472,7 @@ impl<P: Platform, S: PoolSource<P>> Drop for Mempool<'_, P, S> {
             self.kmem.platform().log(
                 LogLevel::Err,
                 format_args!(
-                    "mempool_destroy: pool not full ({} of {} elements): elements outstanding",
+                    "mempool_destroy: pool not full ({} of {} elements): elements outstanding or never refilled",
                     r.curr_nr, r.min_nr
                 ),
             );
