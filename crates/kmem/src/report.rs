@@ -388,46 +388,6 @@ pub fn write_meminfo(m: &MemInfo, w: &mut impl Write) -> fmt::Result {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::string::String;
-
-    #[test]
-    fn meminfo_matches_linux_layout() {
-        let sample = include_str!("../../../testdata/proc-samples/meminfo");
-        let m = MemInfo {
-            total: 24684084 / 4,
-            free: 23993728 / 4,
-            ..MemInfo::default()
-        };
-        let mut out = String::new();
-        write_meminfo(&m, &mut out).unwrap();
-        let ours: std::vec::Vec<&str> = out.lines().collect();
-        let theirs: std::vec::Vec<&str> = sample.lines().collect();
-        assert_eq!(ours.len(), theirs.len(), "same number of lines");
-        for (a, b) in ours.iter().zip(&theirs) {
-            // Same label, same column where the number ends, same unit.
-            assert_eq!(a.split(':').next(), b.split(':').next());
-            if b.ends_with(" kB") && b.len() <= 27 {
-                assert_eq!(a.len(), 27, "{a:?} vs {b:?}");
-            }
-            assert_eq!(a.ends_with(" kB"), b.ends_with(" kB"));
-        }
-        assert_eq!(ours[0], theirs[0]);
-        assert_eq!(ours[1], theirs[1]);
-    }
-
-    #[test]
-    fn stat_threshold_matches_sample() {
-        let mut z = Zone::new(ZoneType::Dma32, true);
-        z.managed_pages = 772_915;
-        assert_eq!(stat_threshold(&z, 2), 24);
-        z.managed_pages = 3840;
-        assert_eq!(stat_threshold(&z, 2), 4);
-    }
-}
-
 /// `SECTION_SIZE_BITS` on x86_64: SPARSEMEM brings memory online in 128 MiB sections.
 pub const SECTION_SIZE_BITS: u32 = 27;
 
@@ -511,4 +471,44 @@ pub fn pagetypeinfo<P: Platform>(
         w.write_char('\n')?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::string::String;
+
+    #[test]
+    fn meminfo_matches_linux_layout() {
+        let sample = include_str!("../../../testdata/proc-samples/meminfo");
+        let m = MemInfo {
+            total: 24684084 / 4,
+            free: 23993728 / 4,
+            ..MemInfo::default()
+        };
+        let mut out = String::new();
+        write_meminfo(&m, &mut out).unwrap();
+        let ours: std::vec::Vec<&str> = out.lines().collect();
+        let theirs: std::vec::Vec<&str> = sample.lines().collect();
+        assert_eq!(ours.len(), theirs.len(), "same number of lines");
+        for (a, b) in ours.iter().zip(&theirs) {
+            // Same label, same column where the number ends, same unit.
+            assert_eq!(a.split(':').next(), b.split(':').next());
+            if b.ends_with(" kB") && b.len() <= 27 {
+                assert_eq!(a.len(), 27, "{a:?} vs {b:?}");
+            }
+            assert_eq!(a.ends_with(" kB"), b.ends_with(" kB"));
+        }
+        assert_eq!(ours[0], theirs[0]);
+        assert_eq!(ours[1], theirs[1]);
+    }
+
+    #[test]
+    fn stat_threshold_matches_sample() {
+        let mut z = Zone::new(ZoneType::Dma32, true);
+        z.managed_pages = 772_915;
+        assert_eq!(stat_threshold(&z, 2), 24);
+        z.managed_pages = 3840;
+        assert_eq!(stat_threshold(&z, 2), 4);
+    }
 }
