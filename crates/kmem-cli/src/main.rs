@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kmem::config::ZoneLayout;
 use kmem_hosted::{Machine, MachineConfig};
 
+mod bench;
 mod demo;
+mod plot;
+mod sampler;
+mod top;
 
 /// kmem: the Linux kernel's memory allocators on a simulated machine.
 ///
@@ -48,6 +52,26 @@ enum Command {
         #[arg(value_enum)]
         file: ProcFile,
     },
+    /// A live, slabtop-like view of the caches, zones and free blocks per order while a
+    /// workload runs (q quits, a b c l v n o p s u sort); prints plain slabtop -o frames when
+    /// standard output is not a terminal.
+    Top {
+        #[command(flatten)]
+        top: top::TopArgs,
+        #[command(flatten)]
+        workload: sampler::WorkloadArgs,
+    },
+    /// Run a workload and chart free blocks per order, slab memory and the fragmentation
+    /// index per order over time (PNG and/or SVG).
+    Plot {
+        #[command(flatten)]
+        plot: plot::PlotArgs,
+        #[command(flatten)]
+        workload: sampler::WorkloadArgs,
+    },
+    /// Run the benchmarks of kmem against peer allocators and print the comparison table
+    /// (boots its own machines: 256 MiB or --mem, 2 vCPUs).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -118,6 +142,15 @@ fn machine_config(cli: &Cli) -> MachineConfig {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Bench(args)) = &cli.command {
+        return match bench::run(args, cli.mem, &mut std::io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kmem: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let machine = match Machine::boot(machine_config(&cli)) {
         Ok(m) => m,
         Err(e) => {
@@ -143,6 +176,14 @@ fn main() -> ExitCode {
             let text = machine.proc(name).expect("known report");
             out.write_all(text.as_bytes()).map_err(|e| e.to_string())
         }),
+        Command::Top { top, workload } => {
+            let is_terminal = std::io::stdout().is_terminal();
+            sampler::Churn::new(&machine, workload.config())
+                .and_then(|mut churn| top::run(&machine, &mut churn, &top, &mut out, is_terminal))
+        }
+        Command::Plot { plot, workload } => sampler::Churn::new(&machine, workload.config())
+            .and_then(|mut churn| plot::run(&machine, &mut churn, &plot, &mut out)),
+        Command::Bench(_) => Err("kmem bench runs before the machine boots".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
