@@ -279,6 +279,39 @@ pub fn write_svg(
     std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Fewest points per line kept from a long run (see [`record`]).
+pub const MAX_POINTS: usize = 2000;
+
+/// Runs `workload` to its end on `m` and returns its snapshots: the state before the first
+/// step, then every `every` steps and after the last. `every` starts at 1 and doubles (every
+/// other snapshot dropped) whenever 2 × [`MAX_POINTS`] are kept, so a run of any length
+/// keeps between [`MAX_POINTS`] and twice that, evenly spaced (more than a chart's width in
+/// pixels). The caches are not charted and not kept.
+pub fn record(m: &Machine, workload: &mut dyn Workload) -> Vec<Snapshot> {
+    let mut every = 1u64;
+    let take = |step| {
+        let mut s = Snapshot::take(m, step);
+        s.caches = Vec::new();
+        s
+    };
+    let mut snaps = vec![take(0)];
+    let mut steps = 0;
+    while workload.step(m) {
+        steps += 1;
+        if steps % every == 0 {
+            snaps.push(take(steps));
+            if snaps.len() >= 2 * MAX_POINTS {
+                every *= 2;
+                snaps.retain(|s| s.step % every == 0);
+            }
+        }
+    }
+    if snaps.last().is_some_and(|s| s.step != steps) {
+        snaps.push(take(steps));
+    }
+    snaps
+}
+
 /// Runs `workload` to its end on `m`, then writes the charts into `args.out` and lists the
 /// files on `out`. Gives everything back (`Workload::finish`) at the end.
 pub fn run(
@@ -290,12 +323,8 @@ pub fn run(
     register_font()?;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
-    let mut snaps = vec![Snapshot::take(m, 0)];
-    let mut steps = 0;
-    while workload.step(m) {
-        steps += 1;
-        snaps.push(Snapshot::take(m, steps));
-    }
+    let snaps = record(m, workload);
+    let steps = snaps.last().map_or(0, |s| s.step);
     workload.finish(m)?;
     let mut written = Vec::new();
     for chart in Chart::ALL {
@@ -341,6 +370,43 @@ mod tests {
                 alloc_failures: 0,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_long_run_keeps_a_bounded_evenly_spaced_record() {
+        let m = kmem_hosted::Machine::boot(kmem_hosted::MachineConfig::x86_64(32 << 20)).unwrap();
+        let mut n = 0u64;
+        let mut w = |_: &Machine| {
+            n += 1;
+            n <= 9_999
+        };
+        let snaps = record(&m, &mut w);
+        assert!(
+            (MAX_POINTS..2 * MAX_POINTS).contains(&snaps.len()),
+            "{}",
+            snaps.len()
+        );
+        assert_eq!(snaps[0].step, 0);
+        assert_eq!(snaps.last().unwrap().step, 9_999, "the last step is kept");
+        let gap = snaps[1].step;
+        assert!(gap > 1);
+        assert!(
+            snaps[..snaps.len() - 1]
+                .windows(2)
+                .all(|w| w[1].step - w[0].step == gap)
+        );
+        let mut few = 0u64;
+        let mut short = |_: &Machine| {
+            few += 1;
+            few <= 10
+        };
+        let snaps = record(&m, &mut short);
+        let steps: Vec<u64> = snaps.iter().map(|s| s.step).collect();
+        assert_eq!(
+            steps,
+            (0..=10).collect::<Vec<_>>(),
+            "a short run keeps every step"
+        );
     }
 
     #[test]

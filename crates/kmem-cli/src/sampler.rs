@@ -292,6 +292,8 @@ pub struct Churn {
     kmallocs: Vec<NonNull<u8>>,
     objs: Vec<NonNull<u8>>,
     cache: Option<NonNull<KmemCache>>,
+    /// The machine everything above lives on (its kmem instance), to refuse another one.
+    owner: *const kmem::Kmem<kmem_hosted::platform::HostedPlatform>,
     failures: u64,
 }
 
@@ -321,6 +323,7 @@ impl Churn {
             kmallocs: Vec::new(),
             objs: Vec::new(),
             cache: Some(NonNull::from(cache)),
+            owner: m.kmem(),
             failures: 0,
         })
     }
@@ -344,9 +347,17 @@ impl Churn {
         0.5 - 0.5 * x.cos()
     }
 
-    fn cache<'m>(&self, _m: &'m Machine) -> Option<&'m KmemCache> {
-        // SAFETY: the cache was created on this machine, which outlives the borrow, and is
-        // only destroyed in `finish`, which clears `self.cache` first.
+    /// True when `m` is the machine this churn was created on.
+    fn owned_by(&self, m: &Machine) -> bool {
+        std::ptr::eq(self.owner, m.kmem())
+    }
+
+    fn cache<'m>(&self, m: &'m Machine) -> Option<&'m KmemCache> {
+        if !self.owned_by(m) {
+            return None;
+        }
+        // SAFETY: the cache was created on `m` (checked above), which outlives the borrow,
+        // and is only destroyed in `finish`, which clears `self.cache` first.
         self.cache.map(|c| unsafe { c.as_ref() })
     }
 
@@ -429,7 +440,7 @@ impl Churn {
 
 impl Workload for Churn {
     fn step(&mut self, m: &Machine) -> bool {
-        if self.step >= self.cfg.steps {
+        if self.step >= self.cfg.steps || !self.owned_by(m) {
             return false;
         }
         let free0 = self.free_at_start;
@@ -488,6 +499,9 @@ impl Workload for Churn {
     }
 
     fn finish(&mut self, m: &Machine) -> Result<(), String> {
+        if !self.owned_by(m) {
+            return Err("the churn was given another machine than its own".into());
+        }
         while !self.pages.is_empty() {
             self.free_block(m);
         }
@@ -694,6 +708,23 @@ mod tests {
         };
         assert_eq!(run(3), run(3));
         assert_ne!(run(3).0, run(4).0);
+    }
+
+    #[test]
+    fn a_churn_refuses_another_machine() {
+        let m = Machine::boot(MachineConfig::x86_64(32 << 20)).unwrap();
+        let other = Machine::boot(MachineConfig::x86_64(32 << 20)).unwrap();
+        let mut churn = Churn::new(&m, ChurnConfig::default()).unwrap();
+        assert!(churn.step(&m));
+        let free = other.nr_free_pages();
+        assert!(!churn.step(&other), "no step on a machine it does not own");
+        assert!(churn.finish(&other).is_err());
+        assert_eq!(
+            other.nr_free_pages(),
+            free,
+            "nothing done on the other machine"
+        );
+        churn.finish(&m).unwrap();
     }
 
     #[test]
