@@ -11,6 +11,7 @@ use kmem::config::ZoneLayout;
 use kmem_hosted::{Machine, MachineConfig};
 
 mod bench;
+mod boot;
 mod demo;
 mod plot;
 mod sampler;
@@ -72,6 +73,11 @@ enum Command {
     /// Run the benchmarks of kmem against peer allocators and print the comparison table
     /// (boots its own machines: 256 MiB or --mem, 2 vCPUs).
     Bench(bench::BenchArgs),
+    /// Boot with a kernel command line (mem=, memmap=, nr_cpus=, slab_nomerge, slab_debug=,
+    /// init_on_free=, failslab=, ...), print the boot log, then /proc/meminfo or a run.
+    Boot(boot::BootArgs),
+    /// Replay a trace file or a built-in workload (builtin:churn, ...) and print a summary.
+    Run(boot::RunArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -151,6 +157,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(code) = boot::dispatch(&cli) {
+        return code;
+    }
     let machine = match Machine::boot(machine_config(&cli)) {
         Ok(m) => m,
         Err(e) => {
@@ -184,6 +193,9 @@ fn main() -> ExitCode {
         Command::Plot { plot, workload } => sampler::Churn::new(&machine, workload.config())
             .and_then(|mut churn| plot::run(&machine, &mut churn, &plot, &mut out)),
         Command::Bench(_) => Err("kmem bench runs before the machine boots".into()),
+        Command::Boot(_) | Command::Run(_) => {
+            Err("kmem boot and run boot their own machine".into())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

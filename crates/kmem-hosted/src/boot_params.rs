@@ -245,20 +245,20 @@ impl MachineConfig {
                             notes.push(format!("slab_debug option '{c}' unknown. skipped"));
                         }
                     }
-                    let what = match d.value() {
-                        None | Some("") => "flags FZPU on every cache".to_string(),
-                        Some(_) => {
-                            let mut parts = vec![format!("flags {} on every cache", d.global())];
-                            for b in d.blocks().filter(|b| b.slabs.is_some()) {
-                                parts.push(format!(
-                                    "{} on {}",
-                                    b.flags,
-                                    b.slabs.unwrap_or_default()
-                                ));
-                            }
-                            parts.join(", ")
-                        }
-                    };
+                    let mut parts: Vec<String> = d
+                        .blocks()
+                        .filter_map(|b| Some(format!("{} on {}", b.flags, b.slabs?)))
+                        .collect();
+                    let global = d.global();
+                    if !global.is_empty() || parts.is_empty() {
+                        let every = if parts.is_empty() {
+                            "every"
+                        } else {
+                            "every other"
+                        };
+                        parts.push(format!("{global} on {every} cache"));
+                    }
+                    let what = parts.join(", ");
                     notes.push(format!(
                         "{}: accepted ({what}), but kmem has no slab debugging built in \
                          (no consistency checks, red zones, poisoning, user tracking or \
@@ -495,8 +495,8 @@ mod tests {
         let l = log(&cfg);
         assert!(
             l.iter().any(|l| l.starts_with(
-                "slub_debug=FZPU,kmalloc-*;A: accepted (flags A on every cache, FZPU on kmalloc-*), \
-                 but kmem has no slab debugging built in"
+                "slub_debug=FZPU,kmalloc-*;A: accepted (FZPU on kmalloc-*, A on every other \
+                 cache), but kmem has no slab debugging built in"
             )),
             "{l:#?}"
         );
@@ -510,7 +510,7 @@ mod tests {
         let l = log(&boot("slab_debug"));
         assert!(
             l.iter()
-                .any(|l| l.starts_with("slab_debug: accepted (flags FZPU on every cache)"))
+                .any(|l| l.starts_with("slab_debug: accepted (FZPU on every cache)"))
         );
         let l = log(&boot("slab_debug=Fx"));
         assert!(
