@@ -187,11 +187,13 @@ fn main() -> ExitCode {
         }),
         Command::Top { top, workload } => {
             let is_terminal = std::io::stdout().is_terminal();
-            sampler::Churn::new(&machine, workload.config())
-                .and_then(|mut churn| top::run(&machine, &mut churn, &top, &mut out, is_terminal))
+            sampler::with_workload(&machine, &workload, |w| {
+                top::run(&machine, w, &top, &mut out, is_terminal)
+            })
         }
-        Command::Plot { plot, workload } => sampler::Churn::new(&machine, workload.config())
-            .and_then(|mut churn| plot::run(&machine, &mut churn, &plot, &mut out)),
+        Command::Plot { plot, workload } => sampler::with_workload(&machine, &workload, |w| {
+            plot::run(&machine, w, &plot, &mut out)
+        }),
         Command::Bench(_) => Err("kmem bench runs before the machine boots".into()),
         Command::Boot(_) | Command::Run(_) => {
             Err("kmem boot and run boot their own machine".into())

@@ -14,10 +14,11 @@
 //! whatever the workload still holds. A closure `FnMut(&Machine) -> bool` is a workload.
 //! [`Churn`] is the built-in one: a seeded random churn of pages of mixed orders, kmalloc
 //! objects of mixed sizes and objects of a lookaside cache, whose working sets grow and
-//! shrink over time. A replayer of recorded traces plugs in at the same seam: implement
-//! [`Workload`] (one trace record or batch per step) and hand it to `kmem top` or
-//! `kmem plot` where they now build a [`Churn`] ([`crate::top`] and [`crate::plot`] take a
-//! `&mut dyn Workload`).
+//! shrink over time. [`TraceWorkload`] plugs a trace (a file, standard input or one of
+//! `kmem_hosted::trace`'s built-in workloads) in at the same seam, a batch of operations per
+//! step. [`with_workload`] builds the one the command line asks for (`--trace` or the churn)
+//! and hands it to `kmem top` or `kmem plot`, which take a `&mut dyn Workload`: another kind
+//! of workload only needs a `Workload` implementation and a case there.
 
 use std::ptr::NonNull;
 
@@ -26,6 +27,7 @@ use kmem::gfp::{__GFP_NORETRY, __GFP_NOWARN, __GFP_RECLAIMABLE, GFP_KERNEL, Gfp}
 use kmem::report::MemInfo;
 use kmem::slab::{KmemCache, SlabFlags};
 use kmem_hosted::Machine;
+use kmem_hosted::trace::{BUILTINS, Replayer, Trace};
 
 /// One slab cache, as `slabtop` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -248,6 +250,13 @@ pub struct WorkloadArgs {
     /// Steps per full wave of the churn's working sets.
     #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(2..=10_000_000))]
     pub period: u64,
+    /// Replay a trace instead of the churn: a trace file, `-` for standard input, or
+    /// `builtin:NAME` (see `kmem run --help` for the format and the built-in workloads).
+    #[arg(long, value_name = "TRACE")]
+    pub trace: Option<String>,
+    /// With --trace: operations per step (default: the trace's length / 300, at least 1).
+    #[arg(long, value_name = "N", requires = "trace", value_parser = clap::value_parser!(u64).range(1..))]
+    pub ops_per_step: Option<u64>,
 }
 
 impl WorkloadArgs {
@@ -258,6 +267,103 @@ impl WorkloadArgs {
             seed: self.seed,
             period: self.period,
         }
+    }
+}
+
+/// Reads and checks a trace: a file, `-` (standard input) or `builtin:NAME`.
+pub fn load_trace(source: &str) -> Result<Trace, String> {
+    if let Some(name) = source.strip_prefix("builtin:") {
+        return Trace::builtin(name).ok_or_else(|| {
+            let names: Vec<&str> = BUILTINS.iter().map(|(n, _)| *n).collect();
+            format!(
+                "no built-in workload \"{name}\" (there are: {})",
+                names.join(", ")
+            )
+        });
+    }
+    let (name, text) = if source == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| format!("cannot read the trace from standard input: {e}"))?;
+        ("<stdin>", s)
+    } else {
+        let s = std::fs::read_to_string(source)
+            .map_err(|e| format!("cannot read the trace {source}: {e}"))?;
+        (source, s)
+    };
+    Trace::parse(&text).map_err(|e| format!("{name}:{}: {}", e.line, e.message))
+}
+
+/// A trace replayed as a workload: `ops_per_step` operations per step; `finish` frees what
+/// the trace left allocated.
+pub struct TraceWorkload<'m> {
+    replayer: Replayer<'m>,
+    machine: &'m Machine,
+    ops_per_step: u64,
+    name: String,
+}
+
+impl<'m> TraceWorkload<'m> {
+    /// `trace` on `m`, `ops_per_step` operations per step (at least 1).
+    pub fn new(m: &'m Machine, trace: &'m Trace, ops_per_step: u64, name: &str) -> Self {
+        TraceWorkload {
+            replayer: Replayer::new(m, trace),
+            machine: m,
+            ops_per_step: ops_per_step.max(1),
+            name: name.to_string(),
+        }
+    }
+}
+
+impl Workload for TraceWorkload<'_> {
+    fn step(&mut self, m: &Machine) -> bool {
+        if self.replayer.finished() || !std::ptr::eq(m, self.machine) {
+            return false;
+        }
+        for _ in 0..self.ops_per_step {
+            if self.replayer.step().is_none() {
+                break;
+            }
+        }
+        true
+    }
+
+    fn finish(&mut self, m: &Machine) -> Result<(), String> {
+        if !std::ptr::eq(m, self.machine) {
+            return Err("the trace was given another machine than its own".into());
+        }
+        self.replayer.release();
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        let stats = self.replayer.stats();
+        format!(
+            "trace {}, op {}/{}, {} failed allocations",
+            self.name,
+            stats.ops,
+            self.replayer.trace().len(),
+            stats.failures
+        )
+    }
+}
+
+/// Builds the workload `args` ask for on `m` (the trace of `--trace`, or the churn) and runs
+/// `f` with it.
+pub fn with_workload(
+    m: &Machine,
+    args: &WorkloadArgs,
+    f: impl FnOnce(&mut dyn Workload) -> Result<(), String>,
+) -> Result<(), String> {
+    match &args.trace {
+        Some(source) => {
+            let trace = load_trace(source)?;
+            let ops = args
+                .ops_per_step
+                .unwrap_or_else(|| (trace.len() as u64).div_ceil(300));
+            f(&mut TraceWorkload::new(m, &trace, ops, source))
+        }
+        None => f(&mut Churn::new(m, args.config())?),
     }
 }
 
@@ -725,6 +831,50 @@ mod tests {
             "nothing done on the other machine"
         );
         churn.finish(&m).unwrap();
+    }
+
+    #[test]
+    fn a_trace_is_a_workload() {
+        let m = Machine::boot(MachineConfig::x86_64(64 << 20)).unwrap();
+        kmem_bench::settle(&m);
+        let free = m.nr_free_pages();
+        let trace = Trace::parse(
+            "kmalloc a 64 GFP_KERNEL\nalloc_pages p 2 GFP_KERNEL\nkmalloc b 3000 GFP_KERNEL\nkfree a\nvmalloc v 64K\n",
+        )
+        .unwrap();
+        let mut w = TraceWorkload::new(&m, &trace, 2, "test");
+        assert!(w.step(&m));
+        let in_use = free - (m.nr_free_pages() + m.nr_pcp_pages());
+        assert!(in_use > 4, "the order-2 block and a slab: {in_use}");
+        assert!(w.describe().starts_with("trace test, op 2/5"));
+        assert!(w.step(&m) && w.step(&m), "2 + 2 + 1 operations");
+        assert!(!w.step(&m), "over");
+        w.finish(&m).unwrap();
+        kmem_bench::settle(&m);
+        assert_eq!(m.nr_free_pages(), free, "finish frees what the trace left");
+        let other = Machine::boot(MachineConfig::x86_64(32 << 20)).unwrap();
+        let mut w = TraceWorkload::new(&m, &trace, 1, "test");
+        assert!(!w.step(&other) && w.finish(&other).is_err());
+    }
+
+    #[test]
+    fn traces_load_from_builtins_and_files_with_clear_errors() {
+        assert!(load_trace("builtin:fragment").unwrap().len() > 100);
+        let e = load_trace("builtin:nope").unwrap_err();
+        assert!(
+            e.contains("no built-in workload \"nope\"") && e.contains("churn"),
+            "{e}"
+        );
+        let e = load_trace("/nonexistent/trace").unwrap_err();
+        assert!(
+            e.starts_with("cannot read the trace /nonexistent/trace"),
+            "{e}"
+        );
+        let path = std::env::temp_dir().join(format!("kmem-sampler-trace-{}", std::process::id()));
+        std::fs::write(&path, "kmalloc a 64 GFP_KERNEL\nfrobnicate a\n").unwrap();
+        let e = load_trace(path.to_str().unwrap()).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(e.contains(":2: "), "the line of the error: {e}");
     }
 
     #[test]

@@ -113,6 +113,49 @@ fn top_honours_iterations_and_sort_keys() {
     assert!(text.contains("sorted by cache size"));
 }
 
+#[test]
+fn top_and_plot_replay_a_trace() {
+    let dir = temp_dir("trace");
+    let trace = dir.join("t.trace");
+    let mut text = String::from("cache_create c 500 0 SLAB_HWCACHE_ALIGN|SLAB_NO_MERGE\n");
+    for i in 0..400 {
+        text.push_str(&format!("cache_alloc o{i} c GFP_KERNEL\n"));
+    }
+    std::fs::write(&trace, text).unwrap();
+    let out = stdout_of(&[
+        "--mem",
+        "64M",
+        "top",
+        "--once",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--ops-per-step",
+        "200",
+    ]);
+    let f = frames(&out);
+    let c = f[0]
+        .iter()
+        .find(|(n, _)| n == "c")
+        .expect("the trace's cache is listed");
+    assert!(c.1 > 0, "{out}");
+    assert!(out.contains(&format!("workload: trace {}, op 200/401", trace.display())));
+    let charts = dir.join("charts");
+    let out = stdout_of(&[
+        "--mem",
+        "64M",
+        "plot",
+        "--out",
+        charts.to_str().unwrap(),
+        "--format",
+        "svg",
+        "--trace",
+        "builtin:slab-heavy",
+    ]);
+    assert!(out.contains("steps of trace builtin:slab-heavy"), "{out}");
+    assert_eq!(svg_root(&charts.join("slab-memory.svg")).0, "svg");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Runs `shell` under `script` (a pseudo-terminal) with `keys` typed after `after`.
 fn in_a_terminal(shell: &str, keys: &str, after: Duration) -> Option<(String, Duration)> {
     if std::process::Command::new("script")
@@ -473,6 +516,15 @@ fn bad_arguments_are_clear_errors() {
         (vec!["plot"], "--out"),
         (vec!["plot", "--out", "x", "--format", "gif"], "gif"),
         (vec!["plot", "--out", "x", "--width", "10"], "width"),
+        (
+            vec!["top", "--trace", "builtin:nope"],
+            "no built-in workload \"nope\"",
+        ),
+        (
+            vec!["top", "--trace", "/nonexistent/trace"],
+            "cannot read the trace",
+        ),
+        (vec!["top", "--ops-per-step", "3"], "--trace"),
         (vec!["bench", "--case", "nope"], "unknown case 'nope'"),
         (
             vec!["bench", "--alloc", "tcmalloc"],
