@@ -279,10 +279,16 @@ impl FailSlab {
     }
 
     /// `should_failslab`: true when an allocation of an object of `object_size` bytes with
-    /// `gfp` must fail. One relaxed load when disarmed.
+    /// `gfp` must fail. One relaxed load when disarmed; the size is only asked for when armed
+    /// (so the caller's fast path does not load it).
     #[inline(always)]
-    pub fn should_failslab<P: Platform>(&self, p: &P, object_size: usize, gfp: Gfp) -> bool {
-        self.attr.armed() && self.should_failslab_slow(p, object_size, gfp)
+    pub fn should_failslab<P: Platform>(
+        &self,
+        p: &P,
+        object_size: impl FnOnce() -> usize,
+        gfp: Gfp,
+    ) -> bool {
+        self.attr.armed() && self.should_failslab_slow(p, object_size(), gfp)
     }
 
     #[cold]

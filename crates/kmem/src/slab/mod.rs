@@ -280,7 +280,8 @@ impl SlabAllocator {
         s: &KmemCache,
         gfp: Gfp,
     ) -> Option<NonNull<u8>> {
-        if pa.faults().failslab.should_failslab(pa.platform(), s.object_size(), gfp) {
+        let failslab = &pa.faults().failslab;
+        if failslab.should_failslab(pa.platform(), || s.object_size(), gfp) {
             return None;
         }
         // SAFETY: the closure only pops this CPU's sheaf: it takes no guard and never sleeps.
