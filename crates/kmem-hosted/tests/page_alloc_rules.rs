@@ -876,9 +876,20 @@ fn slowpath_nofail_waits_for_a_free_then_succeeds() {
 fn slowpath_nofail_may_use_half_the_min_reserve() {
     let m = boot(one_zone(Some(2048)));
     let min = m.zones()[DMA].watermark[0];
-    let mut held = exhaust(&m);
+    // Exhaust the machine in single pages, so that the reserve can be refilled page by page.
+    free_all(&m, &mut exhaust(&m));
+    let gfp = GFP_NOWAIT | __GFP_MEMALLOC | __GFP_NOWARN;
+    let mut held: Held<'_> = Vec::new();
+    loop {
+        held.extend(std::iter::from_fn(|| m.alloc_pages(gfp, 0).map(|p| (p, 0))));
+        // Pages other CPUs' lists kept come back to the buddy lists: take them too.
+        m.drain_all_pages();
+        if m.nr_free_pages() == 0 {
+            break;
+        }
+    }
+    assert_eq!(m.nr_free_pages(), 0, "exhausted in single pages");
     // Give back order-0 pages until DMA holds 3/4 of min: above min/2, below min.
-    held.sort_by_key(|&(_, order)| order);
     while m.zones()[DMA].free_pages() < min * 3 / 4 {
         let (p, order) = held.remove(0);
         // SAFETY: a live allocation of this test, not used again.
@@ -1493,7 +1504,8 @@ fn bad_input_is_reported_and_changes_nothing() {
 
 // ------------------------------------------------------------------------------- boot
 
-/// MemTotal is RAM minus reservations minus mem_map and the per-CPU sets; holes reduce the
+/// MemTotal is RAM minus reservations minus mem_map, the per-CPU sets and the first per-CPU
+/// chunk; holes reduce the
 /// present pages; zone spans and counts; 32-byte page descriptors.
 #[test]
 fn boot_accounting_with_hole_and_reservation() {
@@ -1520,7 +1532,9 @@ fn boot_accounting_with_hole_and_reservation() {
 
     let mem_map_pages = bi.mem_map_bytes.div_ceil(PAGE_SIZE);
     let pcp_pages = bi.pcp_bytes.div_ceil(PAGE_SIZE);
-    let expected = ram_pages - PAGES_PER_MIB - mem_map_pages - pcp_pages;
+    // The first per-CPU chunk (a 64 KiB unit per CPU and its descriptor) is memblock's too.
+    let percpu_pages = kmem::percpu::PercpuAllocator::first_chunk_size(2) / PAGE_SIZE;
+    let expected = ram_pages - PAGES_PER_MIB - mem_map_pages - pcp_pages - percpu_pages;
     assert_eq!(m.totalram_pages(), expected, "MemTotal");
     assert_eq!(bi.managed_pages, expected);
     assert_eq!(bi.reserved_pages, ram_pages - expected);
@@ -1564,8 +1578,8 @@ fn boot_accounting_with_hole_and_reservation() {
     );
     assert_eq!(
         z[DMA32].managed_pages,
-        z[DMA32].present_pages - mem_map_pages - pcp_pages,
-        "mem_map and the per-CPU sets are at the top of memory"
+        z[DMA32].present_pages - mem_map_pages - pcp_pages - percpu_pages,
+        "mem_map, the per-CPU sets and the first chunk are at the top of memory"
     );
     assert_eq!((z[NORMAL].present_pages, z[NORMAL].managed_pages), (0, 0));
     assert!(z[NORMAL].configured && !z[HIGHMEM].configured);
