@@ -244,7 +244,11 @@ fn zeroed_requests_are_reported_once() {
     let a = pool.mempool_alloc(GFP_KERNEL | __GFP_ZERO).unwrap();
     let b = pool.mempool_alloc(GFP_KERNEL | __GFP_ZERO).unwrap();
     let log = m.platform().take_log().join("\n");
-    assert_eq!(log.matches("mempool_alloc with __GFP_ZERO").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("mempool_alloc with __GFP_ZERO").count(),
+        1,
+        "{log}"
+    );
     // SAFETY: both came from this pool and are freed once.
     unsafe {
         pool.mempool_free(a);

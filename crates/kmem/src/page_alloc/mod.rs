@@ -264,7 +264,11 @@ impl<P: Platform> PageAlloc<P> {
         if highest == BAD_ZONE || order > MAX_PAGE_ORDER {
             return self.alloc_invalid(gfp, order);
         }
-        if self.faults.fail_page_alloc.should_fail_alloc_page(&self.platform, gfp, order) {
+        if self
+            .faults
+            .fail_page_alloc
+            .should_fail_alloc_page(&self.platform, gfp, order)
+        {
             return None;
         }
         let highest = highest as usize;
