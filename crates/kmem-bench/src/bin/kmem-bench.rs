@@ -13,7 +13,7 @@
 //!
 //! Cases: order0-pair, churn (group `page`); kmalloc-pair-16, kmalloc-pair-64,
 //! kmalloc-pair-256, kmalloc-pair-1024, kmalloc-churn, cache-pair-256, cross-free (group
-//! `slab`); vmalloc-64k, vmalloc-1m (group `vmalloc`); `all`.
+//! `slab`); vmalloc-64k, vmalloc-1m (group `vmalloc`); this-cpu-inc (group `percpu`); `all`.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -22,8 +22,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use kmem_bench::{Allocator, Case, Options, Progress};
 
-/// kmem's page allocator, kmalloc, slab caches and vmalloc against buddy_system_allocator,
-/// slabmalloc, jemalloc, mimalloc, the system allocator and mmap, in the same run.
+/// kmem's page allocator, kmalloc, slab caches, vmalloc and per-CPU counters against
+/// buddy_system_allocator, slabmalloc, jemalloc, mimalloc, the system allocator, mmap and
+/// shared atomics, in the same run.
 #[derive(Parser, Debug)]
 #[command(name = "kmem-bench")]
 struct Args {
@@ -38,11 +39,13 @@ struct Args {
     rounds: Option<usize>,
     /// Run only these cases (order0-pair, churn, kmalloc-pair-16, kmalloc-pair-64,
     /// kmalloc-pair-256, kmalloc-pair-1024, kmalloc-churn, cache-pair-256, cross-free,
-    /// vmalloc-64k, vmalloc-1m) or groups (page, slab, vmalloc, all); repeatable.
+    /// vmalloc-64k, vmalloc-1m, this-cpu-inc) or groups (page, slab, vmalloc, percpu, all);
+    /// repeatable.
     #[arg(long = "case", value_parser = parse_case)]
     cases: Vec<Vec<Case>>,
     /// Run only these allocators (kmem, kmem+touch, buddy, buddy-pow2, slabmalloc, jemalloc,
-    /// mimalloc, system, mmap, mmap+touch); repeatable. Each case runs those it supports.
+    /// mimalloc, system, mmap, mmap+touch, atomic-fetch-add, thread-local); repeatable. Each
+    /// case runs those it supports.
     #[arg(long = "alloc", value_parser = parse_alloc)]
     allocators: Vec<Allocator>,
     /// Cross-free: objects per batch (default 64).
@@ -69,7 +72,7 @@ fn parse_case(s: &str) -> Result<Vec<Case>, String> {
     Case::group(s).ok_or_else(|| {
         let names: Vec<&str> = Case::ALL.iter().map(|c| c.name()).collect();
         format!(
-            "unknown case {s:?} ({}, or a group: page, slab, vmalloc, all)",
+            "unknown case {s:?} ({}, or a group: page, slab, vmalloc, percpu, all)",
             names.join(", ")
         )
     })
@@ -79,7 +82,7 @@ fn parse_alloc(s: &str) -> Result<Allocator, String> {
     Allocator::from_name(s).ok_or_else(|| {
         format!(
             "unknown allocator {s:?} (kmem, kmem+touch, buddy, buddy-pow2, slabmalloc, jemalloc, \
-             mimalloc, system, mmap, mmap+touch)"
+             mimalloc, system, mmap, mmap+touch, atomic-fetch-add, thread-local)"
         )
     })
 }
