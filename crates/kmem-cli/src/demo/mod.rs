@@ -13,6 +13,8 @@ use kmem::gfp::*;
 use kmem::page_alloc::page::Page;
 use kmem_hosted::Machine;
 
+mod caches;
+
 /// Where the demo's narration goes.
 pub trait Narrator {
     /// A section heading.
@@ -78,6 +80,18 @@ pub fn run(machine: &Machine, out: &mut impl Write, color: bool) -> Result<(), S
     match n.error {
         Some(e) => Err(format!("writing the output: {e}")),
         None => Ok(()),
+    }
+}
+
+/// Every cache's empty slabs and cached objects given back to the page allocator.
+pub(crate) fn shrink_all(m: &Machine) {
+    let mut caches = Vec::new();
+    m.slab()
+        .for_each_cache(|c| caches.push(c as *const kmem::slab::KmemCache));
+    for c in caches {
+        // SAFETY: the demo destroys its own caches only after this returns, and the kmalloc
+        // caches live as long as the machine: every cache listed is alive.
+        m.kmem_cache_shrink(unsafe { &*c });
     }
 }
 
@@ -187,11 +201,11 @@ pub fn workload(m: &Machine, n: &mut impl Narrator) -> Result<(), String> {
 
     // An allocation failure: exhaust ZONE_DMA, then ask once more without __GFP_NOWARN.
     n.heading("Exhausting ZONE_DMA: GFP_DMA fails and the kernel's report is printed");
-    let mut dma = 0;
+    let mut dma_pages = Vec::new();
     while let Some(p) = m.alloc_pages(GFP_KERNEL | GFP_DMA | __GFP_NOWARN | __GFP_NORETRY, 0) {
-        live.push((m.page_to_pfn(p), 0));
-        dma += 1;
+        dma_pages.push(m.page_to_pfn(p));
     }
+    let dma = dma_pages.len();
     let _ = m.platform().take_log();
     if m.alloc_pages(GFP_NOWAIT | GFP_DMA, 0).is_some() {
         return Err("GFP_DMA succeeded on an exhausted ZONE_DMA".into());
@@ -212,8 +226,8 @@ pub fn workload(m: &Machine, n: &mut impl Narrator) -> Result<(), String> {
 
     // Bad input: a double free is reported and changes nothing.
     n.heading("A double free is reported, and changes nothing");
-    let (pfn, order) = live.pop().ok_or("nothing live")?;
-    let p = m.pfn_to_page(pfn).ok_or("lost a page")?;
+    let pfn = dma_pages.pop().ok_or("no DMA page to free twice")?;
+    let (p, order) = (m.pfn_to_page(pfn).ok_or("lost a page")?, 0);
     // SAFETY: `p` heads a live allocation; the second free below is the bad input under
     // demonstration and is rejected by the allocator without touching the page.
     unsafe {
@@ -227,9 +241,15 @@ pub fn workload(m: &Machine, n: &mut impl Narrator) -> Result<(), String> {
     for line in report.iter().take(4) {
         n.say(format_args!("  | {line}"));
     }
+    // ZONE_DMA back: on a small machine it is most of the memory the next steps need.
+    for pfn in dma_pages {
+        let p = m.pfn_to_page(pfn).ok_or("lost a page")?;
+        // SAFETY: each heads a live order-0 allocation made above, freed once.
+        unsafe { m.__free_pages(p, 0) };
+    }
 
-    vmalloc_tour(m, n)?;
-    slab_tour(m, n)?;
+    caches::vmalloc_tour(m, n)?;
+    caches::slab_tour(m, n)?;
 
     // Free everything: the free lists must be exactly as after boot.
     n.heading("Freeing everything");
@@ -240,6 +260,9 @@ pub fn workload(m: &Machine, n: &mut impl Narrator) -> Result<(), String> {
     }
     // SAFETY: `zp` came from get_zeroed_page above and is not used after this.
     unsafe { m.free_page(zp) };
+    // Lazily freed vmap areas purged, every cache's free slabs and cached objects returned.
+    m.vmalloc_space().vm_unmap_aliases(m.vm_ctx());
+    shrink_all(m);
     let drained = m.drain_all_pages();
     m.validate()?;
     let same = m.free_area_counts() == boot_buddy && m.nr_free_pages() == boot_free;
@@ -252,177 +275,5 @@ pub fn workload(m: &Machine, n: &mut impl Narrator) -> Result<(), String> {
     }
     n.heading("/proc/buddyinfo");
     n.block(&m.proc_buddyinfo());
-    Ok(())
-}
-
-/// A quantum of a scull-like device: a constructed object from a lookaside cache.
-const QUANTUM: usize = 4000;
-
-fn quantum_ctor(p: *mut u8) {
-    // SAFETY: the slab layer passes a fresh object of QUANTUM bytes.
-    unsafe { core::ptr::write_bytes(p, 0, QUANTUM) };
-    CTOR_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-}
-
-static CTOR_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// Lookaside caches and kmalloc: a cache with a constructor, every kmalloc class, a large
-/// kmalloc, the bad-free reports; leaves nothing allocated and the caches shrunk.
-fn slab_tour(m: &Machine, n: &mut impl Narrator) -> Result<(), String> {
-    use kmem::slab::SlabFlags;
-    use std::sync::atomic::Ordering::Relaxed;
-
-    n.heading("A lookaside cache: kmem_cache_create(\"scullc\", 4000, ctor)");
-    let cache = m
-        .kmem_cache_create(
-            "scullc",
-            QUANTUM,
-            0,
-            SlabFlags::HWCACHE_ALIGN,
-            Some(quantum_ctor),
-        )
-        .ok_or("kmem_cache_create failed")?;
-    let ctor_before = CTOR_CALLS.load(Relaxed);
-    let mut quanta = Vec::new();
-    let t = Instant::now();
-    for i in 0..64u8 {
-        let q = m
-            .kmem_cache_alloc(cache, GFP_KERNEL)
-            .ok_or("kmem_cache_alloc failed")?;
-        // SAFETY: a live object of QUANTUM bytes.
-        unsafe { core::ptr::write_bytes(q.as_ptr(), i, QUANTUM) };
-        quanta.push(q);
-    }
-    let alloc_ns = t.elapsed().as_nanos() as f64 / 64.0;
-    let ctors = CTOR_CALLS.load(Relaxed) - ctor_before;
-    n.say(format_args!(
-        "  64 quanta allocated ({alloc_ns:.0} ns each): {} objects per {}-page slab, {} slabs, constructor ran {ctors} times",
-        cache.objects_per_slab(),
-        1 << cache.order(),
-        cache.nr_slabs(),
-    ));
-    if ctors != cache.objects_per_slab() * cache.nr_slabs() {
-        return Err("the constructor did not run exactly once per object of each new slab".into());
-    }
-    for (i, q) in quanta.iter().enumerate() {
-        // SAFETY: each quantum is live and was filled with its index above.
-        let ok = unsafe { std::slice::from_raw_parts(q.as_ptr(), QUANTUM) }
-            .iter()
-            .all(|&b| b == i as u8);
-        if !ok {
-            return Err(format!("quantum {i} did not read back what was written"));
-        }
-        // Return it constructed (zeroed), as the cache's contract asks.
-        // SAFETY: as above; it is not used after the free.
-        unsafe {
-            core::ptr::write_bytes(q.as_ptr(), 0, QUANTUM);
-            m.kmem_cache_free(cache, q.as_ptr());
-        }
-    }
-    n.say(format_args!(
-        "  all 64 read back what was written, and went back to the cache"
-    ));
-    for line in m
-        .proc_slabinfo()
-        .lines()
-        .filter(|l| l.starts_with("scullc "))
-    {
-        n.say(format_args!("  | {line}"));
-    }
-
-    n.heading("kmalloc: every size class, and a large allocation");
-    let mut ptrs = Vec::new();
-    for size in [
-        1usize, 8, 13, 64, 65, 100, 192, 300, 1000, 3000, 8192, 100_000,
-    ] {
-        let p = m
-            .kmalloc(size, GFP_KERNEL)
-            .ok_or_else(|| format!("kmalloc({size}) failed"))?;
-        let ks = m.ksize(p.as_ptr());
-        if ks < size {
-            return Err(format!("ksize({size}) = {ks}"));
-        }
-        ptrs.push((size, ks, p));
-    }
-    let line: Vec<String> = ptrs.iter().map(|(s, k, _)| format!("{s}->{k}")).collect();
-    n.say(format_args!("  kmalloc(size) -> ksize: {}", line.join(" ")));
-    let info = m.proc_slabinfo();
-    for l in info.lines().skip(2) {
-        let active: usize = l[18..]
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        if active > 0 && l.starts_with("kmalloc-") {
-            n.say(format_args!("  | {l}"));
-        }
-    }
-    for (_, _, p) in ptrs {
-        // SAFETY: each pointer is a live kmalloc allocation, freed once.
-        unsafe { m.kfree(p.as_ptr()) };
-    }
-
-    n.heading("Bad frees are reported, and change nothing");
-    let _ = m.platform().take_log();
-    let p = m.kmalloc(64, GFP_KERNEL).ok_or("kmalloc failed")?;
-    // SAFETY: bad input on purpose: an object freed to the wrong cache, then a double free;
-    // the allocator rejects both without touching memory.
-    unsafe {
-        m.kmem_cache_free(cache, p.as_ptr());
-        m.kfree(p.as_ptr());
-        m.kfree(p.as_ptr());
-    }
-    let report = m.platform().take_log();
-    if report.len() < 2 {
-        return Err("the bad frees were not reported".into());
-    }
-    for line in report.iter().filter(|l| l.starts_with("BUG")) {
-        n.say(format_args!("  | {line}"));
-    }
-    m.validate()?;
-
-    // SAFETY: every object was freed above; the cache is not used again.
-    if !unsafe { m.kmem_cache_destroy(cache) } {
-        return Err("kmem_cache_destroy found objects left".into());
-    }
-    let mut caches = Vec::new();
-    m.slab()
-        .for_each_cache(|c| caches.push(c as *const kmem::slab::KmemCache));
-    for c in caches {
-        // SAFETY: kmalloc caches live as long as the machine.
-        m.kmem_cache_shrink(unsafe { &*c });
-    }
-    Ok(())
-}
-
-/// vmalloc and a scatter/gather buffer: virtually contiguous memory from scattered pages.
-fn vmalloc_tour(m: &Machine, n: &mut impl Narrator) -> Result<(), String> {
-    n.heading("vmalloc: 1 MiB, virtually contiguous, physically scattered");
-    let size = 1 << 20;
-    let p = m.vmalloc(size).ok_or("vmalloc failed")?;
-    // SAFETY: a live vmalloc area of `size` bytes.
-    let buf = unsafe { std::slice::from_raw_parts_mut(p.as_ptr(), size) };
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = (i % 251) as u8;
-    }
-    if buf.iter().enumerate().any(|(i, &b)| b != (i % 251) as u8) {
-        return Err("the vmalloc area did not read back what was written".into());
-    }
-    let pfns: Vec<u64> = (0..size / PAGE_SIZE)
-        .filter_map(|i| m.vmalloc_to_pfn(buf[i * PAGE_SIZE..].as_ptr()).map(|f| f.0))
-        .collect();
-    let runs = 1 + pfns.windows(2).filter(|w| w[1] != w[0] + 1).count();
-    n.say(format_args!(
-        "  {} pages at {:p}: {} physically contiguous runs, read back intact",
-        pfns.len(),
-        p.as_ptr(),
-        runs
-    ));
-    for line in m.proc_vmallocinfo().lines() {
-        n.say(format_args!("  | {line}"));
-    }
-    // SAFETY: `p` is the live area allocated above, not used after this.
-    unsafe { m.vfree(p.as_ptr()) };
-    m.vmalloc_space().vm_unmap_aliases(m.vm_ctx());
     Ok(())
 }
