@@ -111,6 +111,22 @@ fn exhaust(m: &Machine) -> Held<'_> {
     held
 }
 
+/// As [`exhaust`], but every page is held as an order-0 allocation, so that tests can give
+/// memory back one page at a time whatever the layout of the free blocks was.
+fn exhaust_in_pages(m: &Machine) -> Held<'_> {
+    free_all(m, &mut exhaust(m));
+    let gfp = GFP_NOWAIT | __GFP_MEMALLOC | __GFP_NOWARN;
+    let mut held: Held<'_> = Vec::new();
+    loop {
+        held.extend(std::iter::from_fn(|| m.alloc_pages(gfp, 0).map(|p| (p, 0))));
+        // Pages other CPUs' lists kept come back to the buddy lists: take them too.
+        m.drain_all_pages();
+        if m.nr_free_pages() == 0 {
+            return held;
+        }
+    }
+}
+
 /// Allocates blocks of `order` with `gfp` until a call fails, draining the per-CPU lists
 /// before every call, and returns the free pages of zone `zi` that each call saw (the last
 /// call is the one that failed).
@@ -877,18 +893,7 @@ fn slowpath_nofail_may_use_half_the_min_reserve() {
     let m = boot(one_zone(Some(2048)));
     let min = m.zones()[DMA].watermark[0];
     // Exhaust the machine in single pages, so that the reserve can be refilled page by page.
-    free_all(&m, &mut exhaust(&m));
-    let gfp = GFP_NOWAIT | __GFP_MEMALLOC | __GFP_NOWARN;
-    let mut held: Held<'_> = Vec::new();
-    loop {
-        held.extend(std::iter::from_fn(|| m.alloc_pages(gfp, 0).map(|p| (p, 0))));
-        // Pages other CPUs' lists kept come back to the buddy lists: take them too.
-        m.drain_all_pages();
-        if m.nr_free_pages() == 0 {
-            break;
-        }
-    }
-    assert_eq!(m.nr_free_pages(), 0, "exhausted in single pages");
+    let mut held = exhaust_in_pages(&m);
     // Give back order-0 pages until DMA holds 3/4 of min: above min/2, below min.
     while m.zones()[DMA].free_pages() < min * 3 / 4 {
         let (p, order) = held.remove(0);
@@ -973,10 +978,9 @@ fn slowpath_shrinker_frees_pages_for_gfp_kernel() {
 #[test]
 fn slowpath_failure_report_format_and_nowarn() {
     let m = boot(one_zone(None));
-    let mut held = exhaust(&m);
-    // Give some blocks back, staying below min so the request still fails.
+    let mut held = exhaust_in_pages(&m);
+    // Give some pages back, staying below min so the request still fails.
     let min = m.zones()[DMA].watermark[0];
-    held.sort_by_key(|&(_, order)| order);
     while m.zones()[DMA].free_pages() < min / 4 {
         let (p, order) = held.remove(0);
         // SAFETY: a live allocation of this test, not used again.

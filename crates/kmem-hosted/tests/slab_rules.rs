@@ -988,8 +988,13 @@ fn free_past_the_end_of_a_fallback_slab_is_rejected() {
     // Fragment memory: every page taken, then every other one given back.
     let gfp = GFP_NOWAIT | __GFP_MEMALLOC | __GFP_NOWARN;
     let mut pages = Vec::new();
-    while let Some(p) = m.alloc_pages(gfp, 0) {
-        pages.push(p);
+    loop {
+        pages.extend(std::iter::from_fn(|| m.alloc_pages(gfp, 0)));
+        // Pages other CPUs' lists kept come back to the buddy lists: take them too.
+        m.drain_all_pages();
+        if m.nr_free_pages() == 0 {
+            break;
+        }
     }
     let (even, odd): (Vec<&Page>, Vec<&Page>) =
         pages.into_iter().partition(|p| m.page_to_pfn(p).0 % 2 == 0);
@@ -1026,8 +1031,13 @@ fn shrink_counts_the_pages_of_fallback_slabs() {
     assert!(c.order() > 0);
     let gfp = GFP_NOWAIT | __GFP_MEMALLOC | __GFP_NOWARN;
     let mut pages = Vec::new();
-    while let Some(p) = m.alloc_pages(gfp, 0) {
-        pages.push(p);
+    loop {
+        pages.extend(std::iter::from_fn(|| m.alloc_pages(gfp, 0)));
+        // Pages other CPUs' lists kept come back to the buddy lists: take them too.
+        m.drain_all_pages();
+        if m.nr_free_pages() == 0 {
+            break;
+        }
     }
     let (even, odd): (Vec<&Page>, Vec<&Page>) =
         pages.into_iter().partition(|p| m.page_to_pfn(p).0 % 2 == 0);
@@ -1272,7 +1282,7 @@ fn kfree_frees_objects_of_any_cache() {
 fn sheaf_capacity_is_honoured() {
     let m = machine();
     let boot_areas = areas(&m);
-    for cap in [1usize, 2, 7, 31, 1000] {
+    for cap in [1usize, 2, 7, 31, 127, 1000] {
         let args = KmemCacheArgs {
             sheaf_capacity: cap,
             ..KmemCacheArgs::default()
@@ -1285,7 +1295,9 @@ fn sheaf_capacity_is_honoured() {
             let p = alloc(&m, c);
             write_pat(p, 128, k);
             objs.push(p);
-            assert!(c.sheaf_objects(m.nr_cpus()) <= cap.min(31) * m.nr_cpus());
+            assert!(
+                c.sheaf_objects(m.nr_cpus()) <= cap.min(kmem::slab::sheaf::SHEAF_MAX) * m.nr_cpus()
+            );
         }
         let ranges: Vec<_> = objs.iter().map(|&p| (p as usize, 128)).collect();
         assert_disjoint(&ranges);
@@ -1293,7 +1305,7 @@ fn sheaf_capacity_is_honoured() {
             check_pat(p, 128, k);
             free(&m, c, p);
             assert!(
-                c.sheaf_objects(m.nr_cpus()) <= cap.min(31) * m.nr_cpus(),
+                c.sheaf_objects(m.nr_cpus()) <= cap.min(kmem::slab::sheaf::SHEAF_MAX) * m.nr_cpus(),
                 "capacity {cap}: sheaf holds {}",
                 c.sheaf_objects(m.nr_cpus())
             );
@@ -1313,7 +1325,9 @@ fn typesafe_by_rcu_objects_keep_their_contents_when_freed() {
     let c = create(&m, "rcu", 64, 0, SlabFlags::TYPESAFE_BY_RCU, None);
     let k64 = m.kmalloc_caches().cache(KmallocType::Normal, 6).unwrap();
     assert!(!std::ptr::eq(c, k64), "not merged with kmalloc-64");
-    let objs: Vec<_> = (0..300).map(|_| alloc(&m, c)).collect();
+    // More objects than a CPU's sheaf and the barn hold together.
+    let n = (1 + kmem::slab::sheaf::BARN_SHEAVES) * kmem::slab::sheaf::SHEAF_MAX + 300;
+    let objs: Vec<_> = (0..n).map(|_| alloc(&m, c)).collect();
     for (k, &p) in objs.iter().enumerate() {
         write_pat(p, 64, k);
     }

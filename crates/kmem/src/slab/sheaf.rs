@@ -16,8 +16,8 @@
 
 use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering::Relaxed};
 
-/// Most objects a sheaf holds: a header word and 31 pointers make 256 bytes.
-pub const SHEAF_MAX: usize = 31;
+/// Most objects a sheaf holds: a header word and 127 pointers make 1 KiB.
+pub const SHEAF_MAX: usize = 127;
 
 /// Full sheaves a cache's barn holds (Linux's per-node barn of sheaves): a CPU whose sheaf
 /// is full parks it there, a CPU whose sheaf is empty takes one, so objects freed on one CPU
@@ -29,7 +29,7 @@ pub const BARN_SHEAVES: usize = 8;
 pub fn default_capacity(size: usize) -> usize {
     match size {
         0..=256 => SHEAF_MAX,
-        257..=1024 => 16,
+        257..=1024 => 32,
         1025..=4096 => 8,
         _ => 4,
     }
@@ -42,7 +42,7 @@ pub struct Sheaf {
     objs: [AtomicPtr<u8>; SHEAF_MAX],
 }
 
-const _: () = assert!(core::mem::size_of::<Sheaf>() == 256);
+const _: () = assert!(core::mem::size_of::<Sheaf>() == 1024);
 
 impl Sheaf {
     /// An empty sheaf.
