@@ -3,7 +3,9 @@
 //! It starts with the page allocator (every zone and kind of mask, fragmentation, an
 //! allocation failure, a double free), vmalloc and the slab layer, then runs LDD3 chapter 8's
 //! sample drivers rebuilt on kmem ([`scull`]: scullc, scullp, scullv) from two threads with
-//! per-CPU statistics, frees everything and checks that as many pages are free as after boot.
+//! per-CPU statistics, keeps a mempool-backed request path going on a machine with no free
+//! memory, builds a scatter/gather buffer where no free block is larger than a page, frees
+//! everything and checks that as many pages are free as after boot.
 //!
 //! Every step checks what it shows (zones chosen, zeroed pages, the failure report, data read
 //! back byte for byte, sums of per-CPU counters, free pages back to their boot count); a check
@@ -21,6 +23,7 @@ use kmem_hosted::Machine;
 
 mod caches;
 mod drivers;
+mod pressure;
 mod progress;
 pub mod scull;
 
@@ -105,12 +108,33 @@ pub fn run(machine: &Machine, out: &mut impl Write, color: bool) -> Result<(), S
         error: None,
     };
     workload(machine, &mut n)?;
+    n.heading("/proc/slabinfo (caches holding slabs)");
+    n.block(&slabinfo_in_use(machine));
     n.heading("/proc/meminfo");
     n.block(&machine.proc_meminfo());
     match n.error {
         Some(e) => Err(format!("writing the output: {e}")),
         None => Ok(()),
     }
+}
+
+/// `/proc/slabinfo`'s header and the lines of the caches that hold slabs.
+fn slabinfo_in_use(m: &Machine) -> String {
+    let info = m.proc_slabinfo();
+    let mut out = String::new();
+    for (i, line) in info.lines().enumerate() {
+        // `num_slabs` is the second field after "slabdata".
+        let slabs = line
+            .split(" : slabdata ")
+            .nth(1)
+            .and_then(|d| d.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<usize>().ok());
+        if i < 2 || slabs.is_some_and(|s| s > 0) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// Pages held by slabs (meminfo's `Slab`).
@@ -154,7 +178,7 @@ fn zone_name(m: &Machine, p: &Page) -> &'static str {
     m.page_zone(p).name()
 }
 
-/// The whole tour (page allocator, vmalloc, slab layer, the scull drivers),
+/// The whole tour (page allocator, vmalloc, slab layer, the scull drivers, memory pressure),
 /// narrated to `n`. Leaves the machine as it booted; `kmem proc` runs it quietly.
 pub fn workload(m: &Machine, n: &mut impl Narrator) -> Result<(), String> {
     n.heading("Boot");
@@ -308,6 +332,7 @@ pub fn workload(m: &Machine, n: &mut impl Narrator) -> Result<(), String> {
     caches::vmalloc_tour(m, n)?;
     caches::slab_tour(m, n)?;
     drivers::tour(m, n)?;
+    pressure::tour(m, n)?;
 
     // Free everything: the free lists must be exactly as after boot.
     n.heading("Freeing everything");

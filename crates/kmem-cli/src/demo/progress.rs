@@ -14,6 +14,8 @@ const SHOW_AFTER: Duration = Duration::from_secs(1);
 pub enum Unit {
     /// Bytes (shown as KiB, MiB...).
     Bytes,
+    /// Items (requests, pages...).
+    Items,
 }
 
 /// A progress bar that may be updated from several threads; cleared when dropped.
@@ -40,6 +42,7 @@ impl Progress {
     pub fn on_stderr(what: &str, total: u64, unit: Unit) -> Progress {
         let template = match unit {
             Unit::Bytes => "{msg:>10} [{wide_bar}] {bytes}/{total_bytes}",
+            Unit::Items => "{msg:>10} [{wide_bar}] {pos}/{len}",
         };
         let style = ProgressStyle::with_template(template)
             .unwrap_or_else(|_| ProgressStyle::default_bar())
