@@ -1,7 +1,7 @@
 //! The `kmem` command: boot a simulated machine, run a workload on it, print its `/proc`.
 //!
-//! `kmem` with no arguments boots the default machine, runs the page-allocator demo and
-//! prints the reports. `kmem proc NAME` prints one report after the demo workload.
+//! `kmem` with no arguments boots the default machine, runs the demo (the allocators, then
+//! LDD3 chapter 8's sample drivers rebuilt on kmem) and prints the reports. `kmem proc NAME` prints one report after the demo workload.
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -22,8 +22,9 @@ mod top;
 /// With no command, boots the default machine (x86_64 zones, 4 CPUs, about 4 GiB of RAM with a
 /// PCI hole), runs a short workload (pages of every order and zone, fragmentation, an
 /// allocation failure, a lookaside cache with a constructor, kmalloc of every class, bad
-/// frees, freeing everything) and prints /proc/buddyinfo, /proc/slabinfo and /proc/meminfo
-/// as Linux would.
+/// frees; LDD3's scullc, scullp and scullv drivers with per-CPU statistics, a mempool serving
+/// requests while memory is exhausted, a scatter/gather buffer on fragmented memory; freeing
+/// everything) and prints /proc/buddyinfo, /proc/slabinfo and /proc/meminfo as Linux would.
 #[derive(Parser, Debug)]
 #[command(name = "kmem", version, about, long_about)]
 struct Cli {
