@@ -14,7 +14,7 @@
 //! `count <= cap <= SHEAF_MAX`; `objs[..count]` are distinct free objects of the cache,
 //! counted as in use by their slabs.
 
-use core::sync::atomic::{AtomicPtr, AtomicU32, Ordering::Relaxed};
+use core::sync::atomic::{AtomicPtr, Ordering::Relaxed};
 
 /// Most objects a sheaf holds: a header word and 127 pointers make 1 KiB.
 pub const SHEAF_MAX: usize = 127;
@@ -36,10 +36,14 @@ pub fn default_capacity(size: usize) -> usize {
 }
 
 /// One CPU's sheaf of one cache.
+///
+/// Slot 0 holds the count (as an address without provenance) and slots `1..=count` the
+/// objects, so the top object is always `slots[count]`: for an empty sheaf that is the count
+/// itself, 0, which no object address equals. The double-free check on the push path is
+/// therefore one load and one compare, with no test for emptiness.
 #[repr(C, align(64))]
 pub struct Sheaf {
-    count: AtomicU32, // objects in `objs`
-    objs: [AtomicPtr<u8>; SHEAF_MAX],
+    slots: [AtomicPtr<u8>; SHEAF_MAX + 1],
 }
 
 const _: () = assert!(core::mem::size_of::<Sheaf>() == 1024);
@@ -48,85 +52,93 @@ impl Sheaf {
     /// An empty sheaf.
     pub(crate) const fn new() -> Sheaf {
         Sheaf {
-            count: AtomicU32::new(0),
-            objs: [const { AtomicPtr::new(core::ptr::null_mut()) }; SHEAF_MAX],
+            slots: [const { AtomicPtr::new(core::ptr::null_mut()) }; SHEAF_MAX + 1],
         }
+    }
+
+    #[inline(always)]
+    fn load_count(&self) -> usize {
+        self.slots[0].load(Relaxed).addr()
+    }
+
+    #[inline(always)]
+    fn store_count(&self, n: usize) {
+        self.slots[0].store(core::ptr::without_provenance_mut(n), Relaxed);
     }
 
     /// Objects in the sheaf (racy read for reports).
     #[inline(always)]
     pub fn count(&self) -> usize {
-        self.count.load(Relaxed) as usize
+        self.load_count()
     }
 
     /// Pops an object. Caller holds this CPU's guard.
     #[inline(always)]
     pub(crate) fn pop(&self) -> Option<*mut u8> {
-        let n = self.count.load(Relaxed);
+        let n = self.load_count();
         if n == 0 {
             return None;
         }
-        let n = n - 1;
-        self.count.store(n, Relaxed);
-        // SAFETY: `n < count <= SHEAF_MAX`.
-        Some(unsafe { self.objs.get_unchecked(n as usize) }.load(Relaxed))
+        self.store_count(n - 1);
+        // SAFETY: `1 <= n <= SHEAF_MAX`: an object slot.
+        Some(unsafe { self.slots.get_unchecked(n) }.load(Relaxed))
     }
 
     /// Pushes `obj` if the sheaf holds fewer than `cap` objects. Caller holds the guard.
     #[inline(always)]
     pub(crate) fn push(&self, obj: *mut u8, cap: u32) -> bool {
-        let n = self.count.load(Relaxed);
-        if n >= cap {
+        let n = self.load_count();
+        if n >= cap as usize {
             return false;
         }
-        // SAFETY: `n < cap <= SHEAF_MAX`.
-        unsafe { self.objs.get_unchecked(n as usize) }.store(obj, Relaxed);
-        self.count.store(n + 1, Relaxed);
+        // SAFETY: `n < cap <= SHEAF_MAX`, so `n + 1` is an object slot.
+        unsafe { self.slots.get_unchecked(n + 1) }.store(obj, Relaxed);
+        self.store_count(n + 1);
         true
     }
 
     /// Pushes `obj` unless it is already on top (a naive double free: `Err(true)`) or the
-    /// sheaf holds `cap` objects (`Err(false)`). Caller holds the guard.
+    /// sheaf holds `cap` objects (`Err(false)`). `obj` is not null. Caller holds the guard.
     #[inline(always)]
     pub(crate) fn push_checked(&self, obj: *mut u8, cap: u32) -> Result<(), bool> {
-        let n = self.count.load(Relaxed);
-        // SAFETY: `n - 1 < count <= SHEAF_MAX` when `n > 0`.
-        if n > 0 && unsafe { self.objs.get_unchecked(n as usize - 1) }.load(Relaxed) == obj {
+        let n = self.load_count();
+        // SAFETY: `n <= SHEAF_MAX`: the top object, or the count (0) when empty.
+        if unsafe { self.slots.get_unchecked(n) }.load(Relaxed) == obj {
             return Err(true);
         }
-        if n >= cap {
+        if n >= cap as usize {
             return Err(false);
         }
-        // SAFETY: `n < cap <= SHEAF_MAX`.
-        unsafe { self.objs.get_unchecked(n as usize) }.store(obj, Relaxed);
-        self.count.store(n + 1, Relaxed);
+        // SAFETY: `n < cap <= SHEAF_MAX`, so `n + 1` is an object slot.
+        unsafe { self.slots.get_unchecked(n + 1) }.store(obj, Relaxed);
+        self.store_count(n + 1);
         Ok(())
     }
 
     /// Moves every object of `self` into `dst` (empty), leaving `self` empty. The caller
     /// holds what guards both (a CPU guard and the barn lock).
     pub(crate) fn move_all_to(&self, dst: &Sheaf) {
-        let n = self.count.load(Relaxed) as usize;
+        let n = self.load_count();
         debug_assert_eq!(dst.count(), 0);
-        for i in 0..n {
-            dst.objs[i].store(self.objs[i].load(Relaxed), Relaxed);
+        for i in 1..=n {
+            dst.slots[i].store(self.slots[i].load(Relaxed), Relaxed);
         }
-        dst.count.store(n as u32, Relaxed);
-        self.count.store(0, Relaxed);
+        dst.store_count(n);
+        self.store_count(0);
     }
 
     /// Takes up to `out.len()` objects from the bottom (the coldest), keeping the order of the
     /// rest. Returns how many. Caller holds the guard.
     pub(crate) fn take_cold(&self, out: &mut [*mut u8]) -> usize {
-        let n = self.count.load(Relaxed) as usize;
+        let n = self.load_count();
         let k = out.len().min(n);
         for (i, slot) in out.iter_mut().enumerate().take(k) {
-            *slot = self.objs[i].load(Relaxed);
+            *slot = self.slots[1 + i].load(Relaxed);
         }
         for i in k..n {
-            self.objs[i - k].store(self.objs[i].load(Relaxed), Relaxed);
+            self.slots[1 + i - k].store(self.slots[1 + i].load(Relaxed), Relaxed);
         }
-        self.count.store((n - k) as u32, Relaxed);
+        self.store_count(n - k);
         k
     }
 }
