@@ -498,21 +498,29 @@ impl SlabAllocator {
         // SAFETY: the closure only pushes onto this CPU's sheaf: no guard, no sleep.
         let pushed = unsafe {
             pa.platform()
-                .this_cpu(|cpu, _| s.sheaf(cpu).push_checked(obj, s.sheaf_cap))
+                .this_cpu(|cpu, _| s.sheaf(cpu).push_checked(obj, s.sheaf_cap).is_ok())
         };
-        match pushed {
-            Ok(()) => {}
-            Err(false) => self.free_slow(pa, s, obj),
-            Err(true) => self.report_free(pa, s.name(), obj, format_args!("double free detected")),
+        if !pushed {
+            self.free_slow(pa, s, obj);
         }
     }
 
-    /// Flushes the colder half of a full sheaf to the slabs, then keeps `obj`.
+    /// The sheaf refused `obj`: under a guard (perhaps on another CPU by now), reports a
+    /// double free, or pushes it if there is room after all, or flushes the colder half of
+    /// the full sheaf to the slabs (or parks it in the barn) and keeps `obj`.
     #[cold]
     #[inline(never)]
     fn free_slow<P: Platform>(&self, pa: &PageAlloc<P>, s: &KmemCache, obj: *mut u8) {
         let guard = pa.platform().cpu_guard();
         let sheaf = sheaf_of(s, &guard);
+        match sheaf.push_checked(obj, s.sheaf_cap) {
+            Ok(()) => return,
+            Err(true) => {
+                drop(guard);
+                return self.report_free(pa, s.name(), obj, format_args!("double free detected"));
+            }
+            Err(false) => {}
+        }
         // Park the full sheaf in the barn when it has room: another CPU will take it whole.
         {
             let mut full = s.barn.lock();
