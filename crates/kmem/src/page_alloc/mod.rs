@@ -566,11 +566,13 @@ impl<P: Platform> PageAlloc<P> {
         self.mm_vbase.wrapping_add((idx as usize) << PAGE_SHIFT)
     }
 
-    /// The `mem_map` index of the page holding direct-map address `addr`, if it is RAM.
+    /// The `mem_map` index of the page holding direct-map address `addr` and `addr`'s offset
+    /// in that page, if it is RAM.
     #[inline(always)]
-    pub(crate) fn addr_index(&self, addr: usize) -> Option<u32> {
-        let idx = addr.wrapping_sub(self.mm_vbase) >> PAGE_SHIFT;
-        (idx < self.nr_direct).then_some(idx as u32)
+    pub(crate) fn addr_index_offset(&self, addr: usize) -> Option<(u32, usize)> {
+        let d = addr.wrapping_sub(self.mm_vbase);
+        let idx = d >> PAGE_SHIFT;
+        (idx < self.nr_direct).then_some((idx as u32, d & (crate::addr::PAGE_SIZE - 1)))
     }
 
     /// Allocates a slab: `1 << order` low-memory pages (compound above order 0), marked

@@ -420,10 +420,11 @@ impl SlabAllocator {
         pa: &'a PageAlloc<P>,
         p: usize,
     ) -> Option<ObjRef<'a>> {
-        let mut idx = pa.addr_index(p)?;
+        let (mut idx, mut offset) = pa.addr_index_offset(p)?;
         let mm = pa.mem_map();
         let mut page = mm.at(idx);
-        // One test for the common case, a slab's head page (every order-0 slab).
+        // One test for the common case, a slab's head page (every order-0 slab), where the
+        // offset in the slab is the offset in the page.
         if page.state() & (pg::TAIL | pg::SLAB) != pg::SLAB {
             if page.state() & pg::TAIL == 0 {
                 return None;
@@ -433,13 +434,14 @@ impl SlabAllocator {
             if page.state() & pg::SLAB == 0 {
                 return None;
             }
+            offset = p - pa.idx_address(idx);
         }
         // SAFETY: a SLAB head's `private` is the cache that owns it (set before the slab was
         // published, cleared after it was unpublished), and a cache outlives its slabs.
         let cache = unsafe { &*(page.private() as *const KmemCache) };
         // Fallback slabs (smaller than the cache's order) hold fewer objects: check against
         // the slab's own count, as `check_valid_pointer` does.
-        let index = cache.obj_index(p - pa.idx_address(idx), node::slab_objects(page))?;
+        let index = cache.obj_index(offset, node::slab_objects(page))?;
         Some(ObjRef {
             cache,
             slab: idx,
