@@ -335,13 +335,12 @@ impl CpuSet {
     /// it lost: the slow paths set it right) sends the caller to the slow path.
     #[inline(always)]
     fn sticky_fast<'t>(&self, s: &'t Slot) -> Option<(&'t Seat, u32)> {
-        if s.id.get() != self.id || s.count.get() != 0 {
+        // `fast` is this machine's id only when the slot is this machine's, holds no guard
+        // and knows a sticky vCPU (`Slot::refresh`).
+        if s.fast.get() != self.id {
             return None;
         }
         let v = s.sticky.get();
-        if v.is_null() {
-            return None;
-        }
         let seat = s.seat.get();
         let cpu = s.sticky_cpu.get();
         // SAFETY: the slot is this machine's (ids are never reused) and the machine is alive
@@ -360,7 +359,7 @@ impl CpuSet {
         let s = t.first();
         if let Some((_, cpu)) = self.sticky_fast(s) {
             s.sdepth.set(1);
-            s.count.set(1);
+            s.set_count(1);
             s.cur.set(cpu);
             return HostedGuard::new(s, cpu, true, false);
         }
@@ -502,6 +501,7 @@ impl CpuSet {
             });
         let s = &t.slots[i];
         let old = s.id.replace(0);
+        s.refresh();
         if old != 0 {
             // Give back the vCPU and the seat of the machine this slot served, if alive.
             let _ = SEATS.try_with(|r| r.remove(old));
@@ -518,14 +518,14 @@ impl CpuSet {
         });
         let home = (self.shared.next_home.fetch_add(1, Ordering::Relaxed) % self.len()) as u32;
         s.seat.set(seat);
-        s.sticky.set(core::ptr::null());
+        s.set_sticky(core::ptr::null());
         s.sticky_cpu.set(home);
         s.sdepth.set(0);
-        s.count.set(0);
+        s.set_count(0);
         s.cur.set(NO_CPU);
         s.home.set(home);
         s.vcpus.set(self.shared.vcpus.as_ptr());
-        s.id.set(self.id);
+        s.set_id(self.id);
         i
     }
 
@@ -578,7 +578,7 @@ impl CpuSet {
     fn nest_sticky(&self, s: &Slot) -> HostedGuard<'_> {
         s.sdepth.set(s.sdepth.get() + 1);
         let count = s.count.get();
-        s.count.set(count + 1);
+        s.set_count(count + 1);
         HostedGuard::new(s, s.sticky_cpu.get(), true, count > 0)
     }
 
@@ -587,7 +587,7 @@ impl CpuSet {
         v.depth
             .store(v.depth.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         let count = s.count.get();
-        s.count.set(count + 1);
+        s.set_count(count + 1);
         HostedGuard::new(s, cpu as u32, false, count > 0)
     }
 
@@ -599,7 +599,7 @@ impl CpuSet {
         if count == 0 {
             s.cur.set(cpu as u32);
         }
-        s.count.set(count + 1);
+        s.set_count(count + 1);
         HostedGuard::new(s, cpu as u32, false, count > 0)
     }
 
@@ -620,21 +620,21 @@ impl CpuSet {
             Some(self.enter_sticky(s, v, cpu))
         } else {
             seat_r.busy.store(0, Ordering::Release);
-            s.sticky.set(core::ptr::null());
+            s.set_sticky(core::ptr::null());
             None
         }
     }
 
     /// A sticky section on `cpu`: `busy` is set and the owner check passed.
     fn enter_sticky(&self, s: &Slot, v: *const VCpu, cpu: u32) -> HostedGuard<'_> {
-        s.sticky.set(v);
+        s.set_sticky(v);
         s.sticky_cpu.set(cpu);
         s.sdepth.set(1);
         let count = s.count.get();
         if count == 0 {
             s.cur.set(cpu);
         }
-        s.count.set(count + 1);
+        s.set_count(count + 1);
         HostedGuard::new(s, cpu, true, count > 0)
     }
 
@@ -664,7 +664,7 @@ impl CpuSet {
                             .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
                             .is_ok())
                 {
-                    s.sticky.set(v);
+                    s.set_sticky(v);
                     s.sticky_cpu.set(c as u32);
                     if let Some(g) = self.try_sticky(s) {
                         return g;
@@ -733,7 +733,7 @@ impl Drop for CpuSet {
         let _ = THREAD.try_with(|t| {
             for s in &t.slots {
                 if s.id.get() == id {
-                    s.id.set(0);
+                    s.set_id(0);
                 }
             }
         });

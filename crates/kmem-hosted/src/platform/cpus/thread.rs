@@ -31,6 +31,10 @@ pub(super) struct Slot {
     pub(super) home: Cell<u32>,
     /// The machine's vCPUs (for dropping a locked guard).
     pub(super) vcpus: Cell<*const VCpu>,
+    /// `id` while the fast path may run (no guard held, a sticky vCPU known), else 0: the
+    /// fast path's single test. Kept by [`Slot::refresh`] whenever `id`, `count` or `sticky`
+    /// changes (through `set_id`, `set_count`, `set_sticky`).
+    pub(super) fast: Cell<u64>,
 }
 
 impl Slot {
@@ -45,7 +49,36 @@ impl Slot {
             cur: Cell::new(NO_CPU),
             home: Cell::new(0),
             vcpus: Cell::new(core::ptr::null()),
+            fast: Cell::new(0),
         }
+    }
+
+    /// Recomputes `fast` from `id`, `count` and `sticky`.
+    #[inline(always)]
+    pub(super) fn refresh(&self) {
+        let usable = self.count.get() == 0 && !self.sticky.get().is_null();
+        self.fast.set(if usable { self.id.get() } else { 0 });
+    }
+
+    /// Sets `count` (and `fast`).
+    #[inline(always)]
+    pub(super) fn set_count(&self, n: u32) {
+        self.count.set(n);
+        self.refresh();
+    }
+
+    /// Sets `sticky` (and `fast`).
+    #[inline(always)]
+    pub(super) fn set_sticky(&self, v: *const VCpu) {
+        self.sticky.set(v);
+        self.refresh();
+    }
+
+    /// Sets `id` (and `fast`).
+    #[inline(always)]
+    pub(super) fn set_id(&self, id: u64) {
+        self.id.set(id);
+        self.refresh();
     }
 
     pub(super) fn swap(&self, other: &Slot) {
@@ -58,6 +91,8 @@ impl Slot {
         self.cur.swap(&other.cur);
         self.home.swap(&other.home);
         self.vcpus.swap(&other.vcpus);
+        self.refresh();
+        other.refresh();
     }
 }
 
@@ -132,7 +167,7 @@ impl Drop for Seats {
         // that are about to be recycled: forget them all.
         let _ = THREAD.try_with(|t| {
             for s in &t.slots {
-                s.id.set(0);
+                s.set_id(0);
             }
         });
         for r in self.0.get_mut().drain(..) {
@@ -229,7 +264,7 @@ impl Drop for HostedGuard<'_> {
         // destructor-free thread-local stays valid until it exits. A slot with live guards
         // is never given to another machine, so it is still this guard's.
         let s = unsafe { &*self.slot.map_addr(|a| a & !(TAG_STICKY | TAG_NESTED)) };
-        s.count.set(s.count.get() - 1);
+        s.set_count(s.count.get() - 1);
         if self.sticky() {
             let depth = s.sdepth.get() - 1;
             s.sdepth.set(depth);
