@@ -50,9 +50,9 @@ enum Command {
     Demo,
     /// Boot, run the demo workload quietly, then print one /proc file.
     Proc {
-        /// Which file.
-        #[arg(value_enum)]
-        file: ProcFile,
+        /// Which files, printed one after the other as `cat` would (all from the same moment).
+        #[arg(value_enum, required = true)]
+        files: Vec<ProcFile>,
     },
     /// A live, slabtop-like view of the caches, zones and free blocks per order while a
     /// workload runs (q quits, a b c l v n o p s u sort); prints plain slabtop -o frames when
@@ -174,17 +174,20 @@ fn main() -> ExitCode {
     let mut out = out.lock();
     let result = match cli.command.unwrap_or(Command::Demo) {
         Command::Demo => demo::run(&machine, &mut out, color),
-        Command::Proc { file } => demo::workload(&machine, &mut demo::Quiet).and_then(|()| {
-            let name = match file {
-                ProcFile::Buddyinfo => "buddyinfo",
-                ProcFile::Zoneinfo => "zoneinfo",
-                ProcFile::Meminfo => "meminfo",
-                ProcFile::Slabinfo => "slabinfo",
-                ProcFile::Vmallocinfo => "vmallocinfo",
-                ProcFile::Pagetypeinfo => "pagetypeinfo",
-            };
-            let text = machine.proc(name).expect("known report");
-            out.write_all(text.as_bytes()).map_err(|e| e.to_string())
+        Command::Proc { files } => demo::workload(&machine, &mut demo::Quiet).and_then(|()| {
+            for file in files {
+                let name = match file {
+                    ProcFile::Buddyinfo => "buddyinfo",
+                    ProcFile::Zoneinfo => "zoneinfo",
+                    ProcFile::Meminfo => "meminfo",
+                    ProcFile::Slabinfo => "slabinfo",
+                    ProcFile::Vmallocinfo => "vmallocinfo",
+                    ProcFile::Pagetypeinfo => "pagetypeinfo",
+                };
+                let text = machine.proc(name).expect("known report");
+                out.write_all(text.as_bytes()).map_err(|e| e.to_string())?;
+            }
+            Ok(())
         }),
         Command::Top { top, workload } => {
             let is_terminal = std::io::stdout().is_terminal();
