@@ -133,6 +133,13 @@ fn panel<DB: DrawingBackend>(
         .configure_mesh()
         .x_desc("workload step")
         .y_desc(y_label)
+        // Whole-number axes (block counts) get no more ticks than whole numbers in range, so
+        // no two ticks round to the same label.
+        .y_labels(if y_decimals == 0 {
+            ((y_max - y_min).ceil() as usize + 1).clamp(2, 10)
+        } else {
+            10
+        })
         .y_label_formatter(&|v: &f64| {
             // No "-0.0" from rounding.
             let v = if v.abs() < 1e-9 { 0.0 } else { *v };
