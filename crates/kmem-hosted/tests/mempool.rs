@@ -914,16 +914,9 @@ fn run_conservation(case: &Case) -> Stats {
     stats
 }
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(64)
-}
-
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: cases(),
+        cases: common::proptest_cases(),
         failure_persistence: None,
         ..ProptestConfig::default()
     })]

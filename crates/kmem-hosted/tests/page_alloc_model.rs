@@ -39,6 +39,7 @@
 //!
 //! `PROPTEST_CASES` overrides the number of cases (64 by default).
 
+mod common;
 use std::collections::BTreeMap;
 
 use kmem::addr::{MAX_PAGE_ORDER, PAGE_SIZE, Pfn, VirtAddr};
@@ -599,15 +600,8 @@ fn run(shape: &Shape, ops: &[Op]) {
     h.finish();
 }
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(64)
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: common::proptest_cases(), ..ProptestConfig::default() })]
 
     /// Random alloc/free/drain sequences agree with the model on every machine shape.
     #[test]

@@ -24,7 +24,7 @@
 //! The `*_soak` variants (`#[ignore]`) run ten times as many operations.
 
 mod common;
-use common::Watchdog;
+use common::{Rng, Watchdog};
 
 use std::sync::Barrier;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -39,24 +39,6 @@ use kmem_hosted::{Machine, MachineConfig};
 const MIB: u64 = 1 << 20;
 const WORDS: usize = PAGE_SIZE / 8;
 static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
-
-/// xorshift64*: a small deterministic generator per thread.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 /// A live block: its first frame, order, and the tag its pattern was made from.
 #[derive(Clone, Copy, Debug)]

@@ -3,7 +3,7 @@
 //! `lib/percpu_test.c` and `mm/percpu-km`'s `pcpu_alloc_test`).
 
 mod common;
-use common::{Watchdog, check_pat, write_pat};
+use common::{Rng, Watchdog, check_pat, write_pat};
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
@@ -21,18 +21,6 @@ const MIB: u64 = 1 << 20;
 
 fn machine(cpus: usize) -> Machine {
     Machine::boot(MachineConfig::x86_64(256 * MIB).with_cpus(cpus)).expect("boot")
-}
-
-/// A small xorshift generator: deterministic tests.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n as u64) as usize
-    }
 }
 
 fn meminfo_kb(m: &Machine, key: &str) -> u64 {
@@ -417,7 +405,7 @@ fn random_sizes_and_alignments_like_pcpu_alloc_test() {
     let _w = Watchdog::new("pcpu_alloc_test", Duration::from_secs(120));
     let m = machine(2);
     let k = m.kmem();
-    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let mut rng = Rng::new(0x5eed_1234_abcd_0001);
     let mut live: Vec<(PercpuPtr<u8>, usize, usize)> = Vec::new();
     let mut tag = 0;
     for round in 0..12_000 {
@@ -479,7 +467,7 @@ fn concurrent_allocations_and_cross_thread_frees() {
             let tx = tx.clone();
             let m = &m;
             s.spawn(move || {
-                let mut rng = Rng(0x1234_5678 + t as u64);
+                let mut rng = Rng::new(0x1234_5678 + t as u64);
                 for i in 0..3000usize {
                     let size = 4 + rng.below(500);
                     let p = m.kmem().__alloc_percpu(size, 8).expect("alloc");

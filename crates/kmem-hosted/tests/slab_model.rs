@@ -31,6 +31,7 @@
 //! `PROPTEST_CASES` overrides the number of cases (64 by default). Failing cases are not
 //! persisted to files; proptest prints the minimal sequence.
 
+mod common;
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 
@@ -645,16 +646,9 @@ fn run(ops: &[Op]) {
     h.finish();
 }
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(64)
-}
-
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: cases(),
+        cases: common::proptest_cases(),
         failure_persistence: None,
         ..ProptestConfig::default()
     })]

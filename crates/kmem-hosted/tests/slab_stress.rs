@@ -22,7 +22,7 @@
 //! `*_soak` variants (`#[ignore]`) run ten times as many operations.
 
 mod common;
-use common::Watchdog;
+use common::{Rng, Watchdog};
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, SyncSender, channel, sync_channel};
@@ -55,24 +55,6 @@ fn ctor(p: *mut u8) {
     // SAFETY: the slab layer passes a fresh object of the constructed cache (CTOR_SIZE
     // bytes).
     unsafe { p.copy_from_nonoverlapping(CTOR_MAGIC.as_ptr(), 8) };
-}
-
-/// xorshift64*: a small deterministic generator per thread.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -19,7 +19,7 @@
 //! tests stay below the host's `vm.max_map_count` (each mapped page can be a host mapping).
 
 mod common;
-use common::{bytes, check_pat, pat, write_pat};
+use common::{Rng, bytes, check_pat, pat, write_pat};
 
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
@@ -168,21 +168,6 @@ impl T {
     }
 }
 
-/// xorshift64*: deterministic per test.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 // ------------------------------------------------------------------------------- basics
 
 /// vmalloc gives a page-aligned address in the vmalloc range that reads and writes as one
@@ -252,7 +237,7 @@ fn zero_and_oversized_requests_fail() {
 #[test]
 fn fixed_size_churn() {
     let t = T::small();
-    let mut rng = Rng(0x5eed_0001);
+    let mut rng = Rng::new(0x5eed_0001);
     let mut live: Vec<(*mut u8, usize)> = Vec::new();
     for i in 0..2000 {
         let p = t.vmalloc(3 * PAGE);
@@ -277,7 +262,7 @@ fn fixed_size_churn() {
 fn random_size_churn() {
     let _heavy = heavy();
     let t = T::small();
-    let mut rng = Rng(0x5eed_0002);
+    let mut rng = Rng::new(0x5eed_0002);
     let mut live: Vec<(*mut u8, usize, usize)> = Vec::new();
     for i in 0..1500 {
         if live.len() < 64 && (live.is_empty() || rng.below(3) != 0) {
@@ -309,7 +294,7 @@ fn long_busy_list_with_churn() {
     let _heavy = heavy();
     let t = T::boot(MachineConfig::x86_64(128 * MIB));
     const LIVE: usize = 15_000;
-    let mut rng = Rng(0x5eed_0003);
+    let mut rng = Rng::new(0x5eed_0003);
     let started = Instant::now();
     let mut live: Vec<(*mut u8, u8)> = (0..LIVE)
         .map(|i| {
@@ -376,7 +361,7 @@ fn concurrent_vmalloc_vfree() {
         for th in 0..4usize {
             let (t, handoff) = (&t, &handoff);
             s.spawn(move || {
-                let mut rng = Rng(0x5eed_0100 + th as u64);
+                let mut rng = Rng::new(0x5eed_0100 + th as u64);
                 let mut mine: Vec<(usize, usize, usize)> = Vec::new();
                 for i in 0..400 {
                     let tag = th * 1_000_000 + i;
@@ -469,7 +454,7 @@ fn full_fit_after_fragmenting() {
 #[test]
 fn aligned_allocations() {
     let t = T::small();
-    let mut rng = Rng(0x5eed_0004);
+    let mut rng = Rng::new(0x5eed_0004);
     let mut all = Vec::new();
     for round in 0..4 {
         for shift in 0..=11 {

@@ -11,6 +11,8 @@
 //! * [`threads_churn_with_purges`]: the timed test (a few seconds in debug);
 //! * [`threads_churn_with_purges_soak`]: ten times as long, `#[ignore]`.
 
+mod common;
+use common::Rng;
 use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
@@ -25,20 +27,6 @@ use kmem_hosted::{Machine, MachineConfig};
 
 const MIB: u64 = 1 << 20;
 const PAGE: usize = PAGE_SIZE;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 fn cx(m: &Machine) -> VmCtx<'_, HostedPlatform> {
     VmCtx::new(m.pages(), m.slab(), m.kmalloc_caches())
@@ -88,7 +76,7 @@ fn check(addr: usize, len: usize, tag: u8) {
 }
 
 fn worker<'a>(m: &'a Machine, vm: &Vmalloc, seed: u64, ops: usize) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut live: Vec<Live<'a>> = Vec::new();
     for i in 0..ops {
         if live.len() < 12 && (live.is_empty() || rng.below(2) == 0) {

@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests: byte patterns written into allocations and
-//! checked before they are freed, and a watchdog that turns a hang into a failure.
+//! checked before they are freed, a watchdog that turns a hang into a failure, a small
+//! deterministic generator, and the property tests' case count.
 
 #![allow(dead_code)] // each test file uses its own subset
 
@@ -66,4 +67,35 @@ impl Drop for Watchdog {
     fn drop(&mut self) {
         self.0.store(true, Relaxed);
     }
+}
+
+/// xorshift64*: a small deterministic generator (one per thread or per test).
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from any seed (0 included).
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number below `n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Cases per property test: `PROPTEST_CASES`, or 64.
+pub fn proptest_cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64)
 }
