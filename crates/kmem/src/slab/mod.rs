@@ -426,15 +426,8 @@ impl SlabAllocator {
         // One test for the common case, a slab's head page (every order-0 slab), where the
         // offset in the slab is the offset in the page.
         if page.state() & (pg::TAIL | pg::SLAB) != pg::SLAB {
-            if page.state() & pg::TAIL == 0 {
-                return None;
-            }
-            idx = page.head.load(Relaxed) as u32;
+            (idx, offset) = Self::lookup_tail(pa, p, page)?;
             page = mm.at(idx);
-            if page.state() & pg::SLAB == 0 {
-                return None;
-            }
-            offset = p - pa.idx_address(idx);
         }
         // SAFETY: a SLAB head's `private` is the cache that owns it (set before the slab was
         // published, cleared after it was unpublished), and a cache outlives its slabs.
@@ -447,6 +440,25 @@ impl SlabAllocator {
             slab: idx,
             index,
         })
+    }
+
+    /// `lookup` off its common case, out of line: `page` is not a slab's head page; if it is
+    /// a tail page of a slab, the head's index and `p`'s offset in the slab.
+    #[cold]
+    #[inline(never)]
+    fn lookup_tail<P: Platform>(
+        pa: &PageAlloc<P>,
+        p: usize,
+        page: &crate::page_alloc::page::Page,
+    ) -> Option<(u32, usize)> {
+        if page.state() & pg::TAIL == 0 {
+            return None;
+        }
+        let idx = page.head.load(Relaxed) as u32;
+        if pa.mem_map().at(idx).state() & pg::SLAB == 0 {
+            return None;
+        }
+        Some((idx, p - pa.idx_address(idx)))
     }
 
     /// Frees an object of `s` (`kmem_cache_free`).
