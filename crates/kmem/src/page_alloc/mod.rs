@@ -569,10 +569,10 @@ impl<P: Platform> PageAlloc<P> {
     /// The `mem_map` index of the page holding direct-map address `addr` and `addr`'s offset
     /// in that page, if it is RAM.
     #[inline(always)]
-    pub(crate) fn addr_index_offset(&self, addr: usize) -> Option<(u32, usize)> {
+    pub(crate) fn addr_index_offset(&self, addr: usize) -> Option<(usize, usize)> {
         let d = addr.wrapping_sub(self.mm_vbase);
         let idx = d >> PAGE_SHIFT;
-        (idx < self.nr_direct).then_some((idx as u32, d & (crate::addr::PAGE_SIZE - 1)))
+        (idx < self.nr_direct).then_some((idx, d & (crate::addr::PAGE_SIZE - 1)))
     }
 
     /// Allocates a slab: `1 << order` low-memory pages (compound above order 0), marked

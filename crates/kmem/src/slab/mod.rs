@@ -422,12 +422,12 @@ impl SlabAllocator {
     ) -> Option<ObjRef<'a>> {
         let (mut idx, mut offset) = pa.addr_index_offset(p)?;
         let mm = pa.mem_map();
-        let mut page = mm.at(idx);
+        let mut page = mm.at_usize(idx);
         // One test for the common case, a slab's head page (every order-0 slab), where the
         // offset in the slab is the offset in the page.
         if page.state() & (pg::TAIL | pg::SLAB) != pg::SLAB {
             (idx, offset) = Self::lookup_tail(pa, p, page)?;
-            page = mm.at(idx);
+            page = mm.at_usize(idx);
         }
         // SAFETY: a SLAB head's `private` is the cache that owns it (set before the slab was
         // published, cleared after it was unpublished), and a cache outlives its slabs.
@@ -437,7 +437,7 @@ impl SlabAllocator {
         let index = cache.obj_index(offset, node::slab_objects(page))?;
         Some(ObjRef {
             cache,
-            slab: idx,
+            slab: idx as u32,
             index,
         })
     }
@@ -450,7 +450,7 @@ impl SlabAllocator {
         pa: &PageAlloc<P>,
         p: usize,
         page: &crate::page_alloc::page::Page,
-    ) -> Option<(u32, usize)> {
+    ) -> Option<(usize, usize)> {
         if page.state() & pg::TAIL == 0 {
             return None;
         }
@@ -458,7 +458,7 @@ impl SlabAllocator {
         if pa.mem_map().at(idx).state() & pg::SLAB == 0 {
             return None;
         }
-        Some((idx, p - pa.idx_address(idx)))
+        Some((idx as usize, p - pa.idx_address(idx)))
     }
 
     /// Frees an object of `s` (`kmem_cache_free`).
