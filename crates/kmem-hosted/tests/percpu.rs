@@ -555,3 +555,25 @@ fn get_cpu_ptr_pins_and_the_box_frees_on_drop() {
     }
     assert_eq!(k.percpu().stats().nr_alloc, before);
 }
+
+#[test]
+fn get_cpu_ptr_on_a_raw_pointer_gives_the_pinned_cpus_copy() {
+    let m = machine(4);
+    let k = m.kmem();
+    let p: PercpuPtr<u64> = k.alloc_percpu().unwrap();
+    {
+        let c = k.get_cpu_ptr(p);
+        assert!(m.platform().in_atomic(), "get_cpu_ptr disables preemption");
+        assert_eq!(c.as_ptr(), p.per_cpu_ptr(c.cpu()));
+        // SAFETY: this CPU's copy of a live allocation; pinned, nobody else writes it.
+        unsafe { *c.as_ptr().as_ptr() = 77 };
+    }
+    assert!(!m.platform().in_atomic(), "put_cpu_ptr enables it again");
+    // SAFETY: live copies, no concurrent writer.
+    let total: u64 = (0..4)
+        .map(|cpu| unsafe { *p.per_cpu_ptr(cpu).as_ptr() })
+        .sum();
+    assert_eq!(total, 77);
+    // SAFETY: freed once.
+    unsafe { k.free_percpu(p) };
+}

@@ -412,6 +412,12 @@ impl<P: Platform> Kmem<P> {
         Some(PercpuPtr::from_raw(p))
     }
 
+    /// `get_cpu_ptr(ptr)`: pins the caller to its CPU and returns that CPU's copy; dropping
+    /// the result is `put_cpu_ptr`. Dereferencing the copy is the caller's business.
+    pub fn get_cpu_ptr<T>(&self, ptr: PercpuPtr<T>) -> crate::percpu::CpuPtr<'_, P, T> {
+        crate::percpu::CpuPtr::get(self.pages.platform(), ptr)
+    }
+
     /// `free_percpu`; see [`PercpuAllocator::free`].
     ///
     /// # Safety

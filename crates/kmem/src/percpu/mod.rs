@@ -885,9 +885,7 @@ impl<P: Platform, T> PerCpuBox<'_, P, T> {
     /// Pins the caller to its CPU and returns that CPU's copy (`get_cpu_ptr`); dropping the
     /// result is `put_cpu_ptr`.
     pub fn get_cpu_ptr(&self) -> CpuPtr<'_, P, T> {
-        let guard = self.kmem.platform().cpu_guard();
-        let ptr = self.ptr.this_cpu_ptr(&guard);
-        CpuPtr { _guard: guard, ptr }
+        CpuPtr::get(self.kmem.platform(), self.ptr)
     }
 }
 
@@ -963,7 +961,19 @@ pub struct CpuPtr<'a, P: Platform + 'a, T> {
     ptr: NonNull<T>,
 }
 
-impl<P: Platform, T> CpuPtr<'_, P, T> {
+impl<'a, P: Platform, T> CpuPtr<'a, P, T> {
+    /// Pins the caller to its CPU and takes `ptr`'s copy there (`get_cpu_ptr`).
+    pub fn get(platform: &'a P, ptr: PercpuPtr<T>) -> Self {
+        let guard = platform.cpu_guard();
+        let ptr = ptr.this_cpu_ptr(&guard);
+        CpuPtr { _guard: guard, ptr }
+    }
+
+    /// The CPU the caller is pinned to.
+    pub fn cpu(&self) -> usize {
+        self._guard.cpu()
+    }
+
     /// The copy. Dereferencing it is the caller's business (it may be shared with remote
     /// readers of that CPU's copy).
     pub fn as_ptr(&self) -> NonNull<T> {
