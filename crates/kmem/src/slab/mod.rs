@@ -413,13 +413,13 @@ impl SlabAllocator {
 
     // ------------------------------------------------------------------ freeing
 
-    /// The cache, slab and index of the object at `p`, if `p` starts an object of a slab.
+    /// The head page of the slab holding address `p`, its `mem_map` index and `p`'s offset
+    /// in the slab; `None` when `p` is not in a slab.
     #[inline(always)]
-    pub(crate) fn lookup<'a, P: Platform>(
-        &self,
+    fn slab_head<'a, P: Platform>(
         pa: &'a PageAlloc<P>,
         p: usize,
-    ) -> Option<ObjRef<'a>> {
+    ) -> Option<(&'a crate::page_alloc::page::Page, usize, usize)> {
         let (mut idx, mut offset) = pa.addr_index_offset(p)?;
         let mm = pa.mem_map();
         let mut page = mm.at_usize(idx);
@@ -429,6 +429,17 @@ impl SlabAllocator {
             (idx, offset) = Self::lookup_tail(pa, p, page)?;
             page = mm.at_usize(idx);
         }
+        Some((page, idx, offset))
+    }
+
+    /// The cache, slab and index of the object at `p`, if `p` starts an object of a slab.
+    #[inline(always)]
+    pub(crate) fn lookup<'a, P: Platform>(
+        &self,
+        pa: &'a PageAlloc<P>,
+        p: usize,
+    ) -> Option<ObjRef<'a>> {
+        let (page, idx, offset) = Self::slab_head(pa, p)?;
         // SAFETY: a SLAB head's `private` is the cache that owns it (set before the slab was
         // published, cleared after it was unpublished), and a cache outlives its slabs.
         let cache = unsafe { &*(page.private() as *const KmemCache) };
@@ -478,22 +489,33 @@ impl SlabAllocator {
         s: &KmemCache,
         obj: *mut u8,
     ) {
-        match self.lookup(pa, obj as usize) {
-            Some(r) if core::ptr::eq(r.cache, s) => {
-                // SAFETY: `obj` is an object of `s` (checked above); the caller's contract.
-                unsafe { self.free_to_cache(pa, s, obj) }
+        // `cache_from_obj` first (the slab must be `s`'s), then `check_valid_pointer` with
+        // `s`'s own geometry, which the caller already has at hand.
+        let valid = match Self::slab_head(pa, obj as usize) {
+            Some((page, _, offset)) if page.private() == s as *const KmemCache as usize => {
+                s.obj_index(offset, node::slab_objects(page)).is_some()
             }
-            Some(r) => self.report_free(
-                pa,
-                s.name(),
-                obj,
-                format_args!(
-                    "Wrong slab cache. {} but object is from {}",
+            Some((page, _, _)) => {
+                // SAFETY: a SLAB head's `private` is its cache, alive while it has slabs.
+                let other = unsafe { &*(page.private() as *const KmemCache) };
+                return self.report_free(
+                    pa,
                     s.name(),
-                    r.cache.name()
-                ),
-            ),
-            None => self.report_free(pa, s.name(), obj, format_args!("invalid object pointer")),
+                    obj,
+                    format_args!(
+                        "Wrong slab cache. {} but object is from {}",
+                        s.name(),
+                        other.name()
+                    ),
+                );
+            }
+            None => false,
+        };
+        if valid {
+            // SAFETY: `obj` is an object of `s` (checked above); the caller's contract.
+            unsafe { self.free_to_cache(pa, s, obj) }
+        } else {
+            self.report_free(pa, s.name(), obj, format_args!("invalid object pointer"))
         }
     }
 
