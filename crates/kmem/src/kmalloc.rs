@@ -229,10 +229,9 @@ impl Kmalloc {
         if (p as usize) <= ZERO_SIZE_PTR as usize {
             return;
         }
-        match slab.lookup(pa, p as usize) {
-            // SAFETY: `p` starts an object of `r.cache`; the caller's contract.
-            Some(r) => unsafe { slab.free_to_cache(pa, r.cache, p) },
-            None => self.kfree_large(pa, p),
+        // SAFETY: the caller's contract.
+        if !unsafe { slab.kfree_slab_object(pa, p) } {
+            self.kfree_large(pa, p);
         }
     }
 

@@ -38,6 +38,10 @@ pub use cache::{Ctor, KmemCache, KmemCacheArgs, SlabFlags};
 use node::Slabs;
 use sheaf::{SHEAF_MAX, Sheaf};
 
+/// Where a cache's sheaves start: right after the `KmemCache` struct, on a cache line, in
+/// the same allocation (`kmem_cache_create`).
+const SHEAVES_OFFSET: usize = core::mem::size_of::<KmemCache>().next_multiple_of(64);
+
 use crate::addr::PAGE_SIZE;
 use crate::gfp::{
     __GFP_DMA32, __GFP_RECLAIMABLE, __GFP_ZERO, GFP_DMA, GFP_KERNEL, GFP_ZONEMASK, Gfp,
@@ -195,7 +199,7 @@ impl SlabAllocator {
         }
         drop(list);
         // The cache and its sheaves, in pages of their own.
-        let header = core::mem::size_of::<KmemCache>().next_multiple_of(64);
+        let header = SHEAVES_OFFSET;
         let bytes = header + (pa.nr_cpus() + sheaf::BARN_SHEAVES) * core::mem::size_of::<Sheaf>();
         let Some(va) = pa.alloc_pages_exact(bytes, GFP_KERNEL) else {
             p.log(
@@ -531,14 +535,68 @@ impl SlabAllocator {
         s: &KmemCache,
         obj: *mut u8,
     ) {
-        // SAFETY: the closure only pushes onto this CPU's sheaf: no guard, no sleep.
+        // SAFETY: `s.sheaves` are `s`'s sheaves; the caller's contract for `obj`.
+        unsafe { self.free_to_sheaves(pa, s, s.sheaves.as_ptr(), obj) }
+    }
+
+    /// [`SlabAllocator::free_to_cache`] given `s`'s sheaves.
+    ///
+    /// # Safety
+    ///
+    /// `sheaves` is `s.sheaves`; `obj` starts an object of `s` that the caller owns.
+    #[inline(always)]
+    unsafe fn free_to_sheaves<P: Platform>(
+        &self,
+        pa: &PageAlloc<P>,
+        s: &KmemCache,
+        sheaves: *const Sheaf,
+        obj: *mut u8,
+    ) {
+        // SAFETY: the closure only pushes onto this CPU's sheaf: no guard, no sleep. There is
+        // one sheaf per possible CPU at `sheaves` and `cpu` is below `nr_cpu_ids`.
         let pushed = unsafe {
             pa.platform()
-                .this_cpu(|cpu, _| s.sheaf(cpu).push_checked(obj, s.sheaf_cap).is_ok())
+                .this_cpu(|cpu, _| (*sheaves.add(cpu)).push_checked(obj, s.sheaf_cap).is_ok())
         };
         if !pushed {
             self.free_slow(pa, s, obj);
         }
+    }
+
+    /// `kfree` of a slab object: finds the slab and its cache from the address, checks that
+    /// `obj` starts an object, and frees it. Returns `false`, changing nothing, when `obj`
+    /// is not an object of a slab.
+    ///
+    /// The cache's sheaves are found at a fixed offset from the cache's address in the
+    /// slab's descriptor, not loaded from the cache: the push does not wait for that load.
+    ///
+    /// # Safety
+    ///
+    /// If `obj` is a live slab object, nothing may use it after this call.
+    #[inline(always)]
+    pub(crate) unsafe fn kfree_slab_object<P: Platform>(
+        &self,
+        pa: &PageAlloc<P>,
+        obj: *mut u8,
+    ) -> bool {
+        let Some((page, _, offset)) = Self::slab_head(pa, obj as usize) else {
+            return false;
+        };
+        let raw = page.private() as *const KmemCache;
+        // SAFETY: a SLAB head's `private` is the address of the cache that owns it (set
+        // before the slab was published, cleared after it was unpublished), and a cache
+        // outlives its slabs.
+        let cache = unsafe { &*raw };
+        if cache.obj_index(offset, node::slab_objects(page)).is_none() {
+            return false;
+        }
+        // SAFETY: every cache is created with its sheaves `SHEAVES_OFFSET` bytes after the
+        // struct, in the same allocation (`kmem_cache_create`).
+        let sheaves = unsafe { raw.cast::<u8>().add(SHEAVES_OFFSET).cast::<Sheaf>() };
+        debug_assert_eq!(sheaves, cache.sheaves.as_ptr().cast_const());
+        // SAFETY: `obj` starts an object of `cache` (checked above); the caller's contract.
+        unsafe { self.free_to_sheaves(pa, cache, sheaves, obj) };
+        true
     }
 
     /// The sheaf refused `obj`: under a guard (perhaps on another CPU by now), reports a
