@@ -420,10 +420,10 @@ impl SlabAllocator {
     /// The head page of the slab holding address `p`, its `mem_map` index and `p`'s offset
     /// in the slab; `None` when `p` is not in a slab.
     #[inline(always)]
-    fn slab_head<'a, P: Platform>(
-        pa: &'a PageAlloc<P>,
+    fn slab_head<P: Platform>(
+        pa: &PageAlloc<P>,
         p: usize,
-    ) -> Option<(&'a crate::page_alloc::page::Page, usize, usize)> {
+    ) -> Option<(&crate::page_alloc::page::Page, usize, usize)> {
         let (mut idx, mut offset) = pa.addr_index_offset(p)?;
         let mm = pa.mem_map();
         let mut page = mm.at_usize(idx);
