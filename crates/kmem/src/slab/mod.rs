@@ -288,10 +288,16 @@ impl SlabAllocator {
         if failslab.should_failslab(pa.platform(), || s.object_size(), gfp) {
             return None;
         }
+        // The sheaves at their fixed offset from the cache's address rather than loaded from
+        // it: the pop does not wait for that load.
+        let sheaves = (s as *const KmemCache as usize + SHEAVES_OFFSET) as *const Sheaf;
+        debug_assert_eq!(sheaves, s.sheaves.as_ptr().cast_const());
         // SAFETY: the closure only pops this CPU's sheaf: it takes no guard and never sleeps.
+        // Every cache has one sheaf per possible CPU `SHEAVES_OFFSET` bytes after its struct,
+        // in the same allocation (`kmem_cache_create`), and `cpu` is below `nr_cpu_ids`.
         let (obj, nested) = unsafe {
             pa.platform()
-                .this_cpu(|cpu, nested| (s.sheaf(cpu).pop(), nested))
+                .this_cpu(|cpu, nested| ((*sheaves.add(cpu)).pop(), nested))
         };
         let obj = match obj {
             Some(o) => o,
