@@ -205,6 +205,12 @@ fn slab_pools_refuse_constructor_caches() {
     m.platform().take_log();
     assert!(mempool_create_slab_pool(m.kmem(), 4, with).is_none());
     assert!(m.platform().log_contains("has a constructor"));
+    // The general constructor with the slab source refuses it too, allocating nothing.
+    m.platform().take_log();
+    let in_use = with.objects_in_use(m.nr_cpus());
+    assert!(kmem::mempool::mempool_create(m.kmem(), 4, kmem::mempool::SlabSource(with)).is_none());
+    assert!(m.platform().log_contains("has a constructor"));
+    assert_eq!(with.objects_in_use(m.nr_cpus()), in_use);
 
     let plain = m
         .kmem_cache_create("mp_plain", 64, 8, SlabFlags::NONE, None)

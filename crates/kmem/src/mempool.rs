@@ -53,6 +53,13 @@ pub trait PoolSource<P: Platform> {
     /// `e` was returned by [`PoolSource::alloc`] of this source over the same `kmem`, is not
     /// used after this call and is freed once.
     unsafe fn free(&self, kmem: &Kmem<P>, e: NonNull<u8>);
+
+    /// Whether a pool may be built over this source; a refusal is reported by the source.
+    /// The default admits every source.
+    fn admit(&self, kmem: &Kmem<P>) -> bool {
+        let _ = kmem;
+        true
+    }
 }
 
 /// Elements are objects of a slab cache (`mempool_alloc_slab` / `mempool_free_slab`).
@@ -62,6 +69,22 @@ pub struct SlabSource<'c>(pub &'c KmemCache);
 impl<P: Platform> PoolSource<P> for SlabSource<'_> {
     fn alloc(&self, kmem: &Kmem<P>, gfp: Gfp) -> Option<NonNull<u8>> {
         kmem.kmem_cache_alloc(self.0, gfp)
+    }
+
+    /// A cache with a constructor is refused, with a warning (`mempool_alloc_slab`'s
+    /// `VM_BUG_ON(mem->ctor)`): elements returned to the reserve are not reconstructed.
+    fn admit(&self, kmem: &Kmem<P>) -> bool {
+        if self.0.ctor.is_none() {
+            return true;
+        }
+        kmem.platform().log(
+            LogLevel::Warning,
+            format_args!(
+                "WARNING: mm/mempool.c: mempool_create_slab_pool: cache {} has a constructor",
+                self.0.name()
+            ),
+        );
+        false
     }
 
     unsafe fn free(&self, kmem: &Kmem<P>, e: NonNull<u8>) {
@@ -200,24 +223,14 @@ pub fn mempool_create<P: Platform, S: PoolSource<P>>(
     Mempool::create(kmem, min_nr, source, GFP_KERNEL)
 }
 
-/// `mempool_create_slab_pool`. Refused (with a warning) for a cache with a constructor:
-/// elements returned to the reserve are not reconstructed.
+/// `mempool_create_slab_pool`. Refused (with a warning) for a cache with a constructor, as
+/// is any pool over such a cache ([`SlabSource`]'s `admit`): elements returned to the
+/// reserve are not reconstructed.
 pub fn mempool_create_slab_pool<'k, P: Platform>(
     kmem: &'k Kmem<P>,
     min_nr: usize,
     cache: &'k KmemCache,
 ) -> Option<SlabPool<'k, P>> {
-    if cache.ctor.is_some() {
-        let pf = kmem.platform();
-        pf.log(
-            LogLevel::Warning,
-            format_args!(
-                "WARNING: mm/mempool.c: mempool_create_slab_pool: cache {} has a constructor",
-                cache.name()
-            ),
-        );
-        return None;
-    }
     mempool_create(kmem, min_nr, SlabSource(cache))
 }
 
@@ -243,6 +256,9 @@ impl<'k, P: Platform, S: PoolSource<P>> Mempool<'k, P, S> {
     /// `mempool_create_node` with an explicit mask for the reserve array and the initial
     /// elements.
     pub fn create(kmem: &'k Kmem<P>, min_nr: usize, source: S, gfp: Gfp) -> Option<Self> {
+        if !source.admit(kmem) {
+            return None;
+        }
         // Room for at least one element: a pool with `min_nr == 0` still parks a freed
         // element for a sleeper (see `mempool_free`).
         let cap = min_nr.max(1);
