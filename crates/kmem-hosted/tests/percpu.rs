@@ -577,3 +577,14 @@ fn get_cpu_ptr_on_a_raw_pointer_gives_the_pinned_cpus_copy() {
     // SAFETY: freed once.
     unsafe { k.free_percpu(p) };
 }
+
+#[test]
+fn a_machine_without_room_for_the_first_chunk_does_not_boot() {
+    // 1024 CPUs need a 64 MiB first chunk; the machine has 16 MiB.
+    let err = Machine::boot(MachineConfig::x86_64(16 * MIB).with_cpus(1024))
+        .err()
+        .expect("no room for the per-CPU areas");
+    let msg = err.to_string();
+    assert!(msg.contains("failed to initialize percpu areas"), "{msg}");
+    assert!(msg.contains("65544 KiB"), "{msg}");
+}

@@ -50,20 +50,22 @@ impl<P: Platform> Kmem<P> {
                 0,
                 config.layout.lowmem_end(),
             )
-            .ok_or(BootError::NoBootMemory)?;
+            .ok_or(BootError::NoPercpuMemory(
+                PercpuAllocator::first_chunk_size(nr_units),
+            ))?;
         let pages = PageAlloc::boot(memblock, config, platform)?;
         let slab = SlabAllocator::new();
         slab.set_merge(config.slab_merge);
         let kmalloc = Kmalloc::new();
         if !kmalloc.create_caches(&slab, &pages) {
-            return Err(BootError::NoBootMemory);
+            return Err(BootError::NoEarlyCaches);
         }
         // `vmalloc_init`: the vmap_area cache and one free area over the platform's range.
         let vmalloc = Vmalloc::new(
             pages.platform().vmalloc_range(),
             VmCtx::new(&pages, &slab, &kmalloc),
         )
-        .ok_or(BootError::NoBootMemory)?;
+        .ok_or(BootError::NoEarlyCaches)?;
         let first_base = pages.platform().direct_map_base() + first_chunk as usize;
         // SAFETY: the first chunk was reserved in memblock above, so the page allocator never
         // hands it out; it lies below the low-memory end, in the direct map, for good.

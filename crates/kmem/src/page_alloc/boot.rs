@@ -39,6 +39,12 @@ pub enum BootError {
     TooManyFrames,
     /// The platform reports no CPU.
     NoCpus,
+    /// memblock could not provide the first per-CPU chunk (this many bytes: a 64 KiB unit
+    /// per possible CPU) below the lowmem limit (Linux panics: "Failed to initialize percpu
+    /// areas").
+    NoPercpuMemory(usize),
+    /// The boot caches (kmalloc's classes, vmalloc's area tree) could not be allocated.
+    NoEarlyCaches,
 }
 
 impl fmt::Display for BootError {
@@ -51,6 +57,15 @@ impl fmt::Display for BootError {
             }
             BootError::TooManyFrames => f.write_str("physical address span too large"),
             BootError::NoCpus => f.write_str("the platform reports no CPU"),
+            BootError::NoPercpuMemory(bytes) => write!(
+                f,
+                "failed to initialize percpu areas: memblock has no {} KiB below the lowmem \
+                 limit for the first chunk (a 64 KiB unit per CPU)",
+                bytes >> 10
+            ),
+            BootError::NoEarlyCaches => {
+                f.write_str("the kmalloc caches or the vmalloc area tree could not be allocated")
+            }
         }
     }
 }
