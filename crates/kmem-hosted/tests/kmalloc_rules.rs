@@ -8,11 +8,11 @@
 //! Every test boots its own small simulated machine ([`Machine`]).
 
 mod common;
-use common::{bytes, check_pat, pat, write_pat};
+use common::{areas, assert_back_to_boot, bytes, check_pat, pat, shrink_kmalloc, write_pat};
 
 use std::time::{Duration, Instant};
 
-use kmem::addr::{NR_PAGE_ORDERS, PAGE_SIZE, Pfn, VirtAddr, get_order};
+use kmem::addr::{PAGE_SIZE, Pfn, VirtAddr, get_order};
 use kmem::gfp::*;
 use kmem::kmalloc::{
     KMALLOC_MAX_SIZE, KmallocType, NR_KMALLOC_INDEX, ZERO_SIZE_PTR, kmalloc_index, kmalloc_size,
@@ -108,29 +108,6 @@ fn cache_name(m: &Machine, p: *const u8) -> String {
 fn zone_of(m: &Machine, p: *const u8) -> ZoneType {
     m.page_zone(m.virt_to_page(VirtAddr(p as usize)).unwrap())
         .ztype
-}
-
-fn shrink_kmalloc(m: &Machine) {
-    for t in [KmallocType::Normal, KmallocType::Reclaim, KmallocType::Dma] {
-        for i in 1..NR_KMALLOC_INDEX {
-            if let Some(c) = m.kmalloc_caches().cache(t, i) {
-                m.kmem_cache_shrink(c);
-            }
-        }
-    }
-}
-
-fn areas(m: &Machine) -> Vec<[usize; NR_PAGE_ORDERS]> {
-    m.drain_all_pages();
-    m.free_area_counts()
-}
-
-fn assert_back_to_boot(m: &Machine, boot: &[[usize; NR_PAGE_ORDERS]]) {
-    shrink_kmalloc(m);
-    m.drain_all_pages();
-    m.validate().expect("validate");
-    assert_eq!(m.nr_free_pages(), m.boot_free_pages());
-    assert_eq!(m.free_area_counts(), boot, "buddyinfo is back to boot");
 }
 
 /// Free pages with the per-CPU lists drained.

@@ -8,6 +8,8 @@
 //! and may run in parallel. Thresholds are checked exactly: the per-CPU lists (which hide
 //! pages from the zone's free count) are drained before each measured call.
 
+mod common;
+
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -115,16 +117,10 @@ fn exhaust(m: &Machine) -> Held<'_> {
 /// memory back one page at a time whatever the layout of the free blocks was.
 fn exhaust_in_pages(m: &Machine) -> Held<'_> {
     free_all(m, &mut exhaust(m));
-    let gfp = GFP_NOWAIT | __GFP_MEMALLOC | __GFP_NOWARN;
-    let mut held: Held<'_> = Vec::new();
-    loop {
-        held.extend(std::iter::from_fn(|| m.alloc_pages(gfp, 0).map(|p| (p, 0))));
-        // Pages other CPUs' lists kept come back to the buddy lists: take them too.
-        m.drain_all_pages();
-        if m.nr_free_pages() == 0 {
-            return held;
-        }
-    }
+    common::take_all_pages(m)
+        .into_iter()
+        .map(|p| (p, 0))
+        .collect()
 }
 
 /// Allocates blocks of `order` with `gfp` until a call fails, draining the per-CPU lists

@@ -2,9 +2,11 @@
 //! and chaining, merging contiguous pages, copies through `kmap` for HighMem, and
 //! `sg_alloc_buffer` on unfragmented and fragmented memory, down to the exact boot accounting.
 
+mod common;
+use common::{areas, shrink_kmalloc};
+
 use kmem::addr::{MAX_PAGE_ORDER, NR_PAGE_ORDERS, PAGE_SIZE, Pfn, get_order};
 use kmem::gfp::*;
-use kmem::kmalloc::{KmallocType, NR_KMALLOC_INDEX};
 use kmem::page_alloc::page::Page;
 use kmem::sg::*;
 use kmem_hosted::{Machine, MachineConfig};
@@ -31,33 +33,10 @@ fn random_bytes(len: usize, mut seed: u64) -> Vec<u8> {
     v
 }
 
-fn shrink_kmalloc(m: &Machine) {
-    for t in [KmallocType::Normal, KmallocType::Reclaim, KmallocType::Dma] {
-        for i in 1..NR_KMALLOC_INDEX {
-            if let Some(c) = m.kmalloc_caches().cache(t, i) {
-                m.kmem_cache_shrink(c);
-            }
-        }
-    }
-}
-
-/// Free blocks per zone and order, per-CPU lists drained.
-fn areas(m: &Machine) -> Vec<[usize; NR_PAGE_ORDERS]> {
-    m.drain_all_pages();
-    m.free_area_counts()
-}
-
-/// Everything freed: the machine is exactly as boot left it.
+/// Everything freed: the machine is exactly as boot left it, with no bad free and no kmap
+/// left.
 fn assert_back_to_boot(m: &Machine, boot_areas: &[[usize; NR_PAGE_ORDERS]]) {
-    shrink_kmalloc(m);
-    m.drain_all_pages();
-    m.validate().expect("free lists and slabs are consistent");
-    assert_eq!(
-        m.nr_free_pages(),
-        m.boot_free_pages(),
-        "free pages back to boot"
-    );
-    assert_eq!(m.free_area_counts(), boot_areas, "buddyinfo back to boot");
+    common::assert_back_to_boot(m, boot_areas);
     assert_eq!(m.bad_page_reports(), 0, "no bad free");
     assert_eq!(m.kmap_slots_in_use(), 0, "every kmap was undone");
 }

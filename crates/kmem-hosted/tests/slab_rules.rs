@@ -13,13 +13,13 @@
 //! `boot_free_pages()`.
 
 mod common;
-use common::{bytes, check_pat, pat, write_pat};
+use common::{areas, assert_back_to_boot, bytes, check_pat, pat, take_all_pages, write_pat};
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-use kmem::addr::{NR_PAGE_ORDERS, PAGE_SIZE, Pfn, VirtAddr};
+use kmem::addr::{PAGE_SIZE, Pfn, VirtAddr};
 use kmem::gfp::*;
-use kmem::kmalloc::{KmallocType, NR_KMALLOC_INDEX};
+use kmem::kmalloc::KmallocType;
 use kmem::page_alloc::page::{Page, pg};
 use kmem::slab::{KmemCache, KmemCacheArgs, SlabFlags};
 use kmem_hosted::{Machine, MachineConfig};
@@ -128,37 +128,6 @@ fn assert_disjoint(objs: &[(usize, usize)]) {
             w[1].1
         );
     }
-}
-
-/// Shrinks every kmalloc cache.
-fn shrink_kmalloc(m: &Machine) {
-    for t in [KmallocType::Normal, KmallocType::Reclaim, KmallocType::Dma] {
-        for i in 1..NR_KMALLOC_INDEX {
-            if let Some(c) = m.kmalloc_caches().cache(t, i) {
-                m.kmem_cache_shrink(c);
-            }
-        }
-    }
-}
-
-/// Free blocks per zone and order, with the per-CPU lists drained.
-fn areas(m: &Machine) -> Vec<[usize; NR_PAGE_ORDERS]> {
-    m.drain_all_pages();
-    m.free_area_counts()
-}
-
-/// The machine is as boot left it: every created cache is gone, the kmalloc caches hold no
-/// free slab, all free memory is in the buddy lists, with the same block counts as `boot`.
-fn assert_back_to_boot(m: &Machine, boot: &[[usize; NR_PAGE_ORDERS]]) {
-    shrink_kmalloc(m);
-    m.drain_all_pages();
-    m.validate().expect("validate");
-    assert_eq!(
-        m.nr_free_pages(),
-        m.boot_free_pages(),
-        "nr_free_pages is back to its boot value"
-    );
-    assert_eq!(m.free_area_counts(), boot, "buddyinfo is back to boot");
 }
 
 /// Takes every free page (orders 10 down to 0, ignoring the watermarks).
@@ -986,16 +955,7 @@ fn free_past_the_end_of_a_fallback_slab_is_rejected() {
         c.order()
     );
     // Fragment memory: every page taken, then every other one given back.
-    let gfp = GFP_NOWAIT | __GFP_MEMALLOC | __GFP_NOWARN;
-    let mut pages = Vec::new();
-    loop {
-        pages.extend(std::iter::from_fn(|| m.alloc_pages(gfp, 0)));
-        // Pages other CPUs' lists kept come back to the buddy lists: take them too.
-        m.drain_all_pages();
-        if m.nr_free_pages() == 0 {
-            break;
-        }
-    }
+    let pages = take_all_pages(&m);
     let (even, odd): (Vec<&Page>, Vec<&Page>) =
         pages.into_iter().partition(|p| m.page_to_pfn(p).0 % 2 == 0);
     release(&m, even.into_iter().map(|p| (p, 0)).collect());
@@ -1029,16 +989,7 @@ fn shrink_counts_the_pages_of_fallback_slabs() {
     let m = boot(MachineConfig::x86_64(32 * MIB));
     let c = create(&m, "frag2", 1000, 0, SlabFlags::NO_MERGE, None);
     assert!(c.order() > 0);
-    let gfp = GFP_NOWAIT | __GFP_MEMALLOC | __GFP_NOWARN;
-    let mut pages = Vec::new();
-    loop {
-        pages.extend(std::iter::from_fn(|| m.alloc_pages(gfp, 0)));
-        // Pages other CPUs' lists kept come back to the buddy lists: take them too.
-        m.drain_all_pages();
-        if m.nr_free_pages() == 0 {
-            break;
-        }
-    }
+    let pages = take_all_pages(&m);
     let (even, odd): (Vec<&Page>, Vec<&Page>) =
         pages.into_iter().partition(|p| m.page_to_pfn(p).0 % 2 == 0);
     release(&m, even.into_iter().map(|p| (p, 0)).collect());

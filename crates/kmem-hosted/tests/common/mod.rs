@@ -1,12 +1,19 @@
 //! Helpers shared by the integration tests: byte patterns written into allocations and
 //! checked before they are freed, a watchdog that turns a hang into a failure, a small
-//! deterministic generator, and the property tests' case count.
+//! deterministic generator, the property tests' case count, and the machine-state helpers
+//! (taking every page, shrinking the kmalloc caches, checking the machine is back to boot).
 
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
+
+use kmem::addr::NR_PAGE_ORDERS;
+use kmem::gfp::{__GFP_MEMALLOC, __GFP_NOWARN, GFP_NOWAIT};
+use kmem::kmalloc::{KmallocType, NR_KMALLOC_INDEX};
+use kmem::page_alloc::page::Page;
+use kmem_hosted::Machine;
 
 /// The `len` bytes at `p` as a slice.
 #[allow(clippy::mut_from_ref)]
@@ -98,4 +105,51 @@ pub fn proptest_cases() -> u32 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(64)
+}
+
+/// Takes every free page of `m` as an order-0 allocation, reserves included, draining the
+/// per-CPU lists until none is left on them either.
+pub fn take_all_pages(m: &Machine) -> Vec<&Page> {
+    let gfp = GFP_NOWAIT | __GFP_MEMALLOC | __GFP_NOWARN;
+    let mut pages = Vec::new();
+    loop {
+        pages.extend(std::iter::from_fn(|| m.alloc_pages(gfp, 0)));
+        // Pages other CPUs' lists kept come back to the buddy lists: take them too.
+        m.drain_all_pages();
+        if m.nr_free_pages() == 0 {
+            return pages;
+        }
+    }
+}
+
+/// Gives every free slab of every kmalloc cache back to the page allocator.
+pub fn shrink_kmalloc(m: &Machine) {
+    for t in [KmallocType::Normal, KmallocType::Reclaim, KmallocType::Dma] {
+        for i in 1..NR_KMALLOC_INDEX {
+            if let Some(c) = m.kmalloc_caches().cache(t, i) {
+                m.kmem_cache_shrink(c);
+            }
+        }
+    }
+}
+
+/// Free blocks per zone and order, with the per-CPU lists drained.
+pub fn areas(m: &Machine) -> Vec<[usize; NR_PAGE_ORDERS]> {
+    m.drain_all_pages();
+    m.free_area_counts()
+}
+
+/// The machine is as boot left it (`boot` from [`areas`] right after boot): with the
+/// kmalloc caches shrunk and the per-CPU lists drained, it validates, its free pages are back
+/// to their boot count and its free blocks are those of `boot`.
+pub fn assert_back_to_boot(m: &Machine, boot: &[[usize; NR_PAGE_ORDERS]]) {
+    shrink_kmalloc(m);
+    m.drain_all_pages();
+    m.validate().expect("free lists and slabs are consistent");
+    assert_eq!(
+        m.nr_free_pages(),
+        m.boot_free_pages(),
+        "free pages back to boot"
+    );
+    assert_eq!(m.free_area_counts(), boot, "buddyinfo back to boot");
 }
