@@ -9,11 +9,9 @@
 //! as SLUB moves its free pointer out of such objects.
 
 use core::fmt;
-use core::ptr::NonNull;
 use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize, Ordering::Relaxed};
 
 use super::node::NodeLists;
-use super::sheaf::Sheaf;
 use crate::addr::{PAGE_ALLOC_COSTLY_ORDER, PAGE_SIZE, get_order};
 use crate::gfp::Gfp;
 use crate::sync::SpinLock;
@@ -169,17 +167,20 @@ pub fn calculate_order(size: usize, nr_cpus: usize) -> u32 {
     get_order(size)
 }
 
+/// Where a cache's sheaves start: right after the `KmemCache` struct, on a cache line, in
+/// the same allocation (`kmem_cache_create`): one per possible CPU, then the barn's.
+pub(crate) const SHEAVES_OFFSET: usize = core::mem::size_of::<KmemCache>().next_multiple_of(64);
+
 /// A slab cache. Created by [`super::SlabAllocator::kmem_cache_create`]; lives in pages of
 /// its own (the struct, then one [`Sheaf`] per CPU).
 #[repr(C)]
 pub struct KmemCache {
-    // Read on every allocation and free.
-    pub(crate) sheaves: NonNull<Sheaf>, // nr_cpus entries after this struct, then the barn's
-    pub(crate) sheaf_cap: u32,          // objects a sheaf holds before a flush
-    pub(crate) size: u32,               // distance between objects
-    pub(crate) object_size: AtomicU32,  // what the creators asked for (the largest, if merged)
-    pub(crate) reciprocal_size: u32,    // ceil(2^32 / size): offset -> index without division
-    pub(crate) offset: u32,             // where a free object keeps its next index
+    // Read on every allocation and free. The sheaves follow the struct (`SHEAVES_OFFSET`).
+    pub(crate) sheaf_cap: u32, // objects a sheaf holds before a flush
+    pub(crate) size: u32,      // distance between objects
+    pub(crate) object_size: AtomicU32, // what the creators asked for (the largest, if merged)
+    pub(crate) reciprocal_size: u32, // ceil(2^32 / size): offset -> index without division
+    pub(crate) offset: u32,    // where a free object keeps its next index
     pub(crate) align: u32,
     pub(crate) order: u32,   // slab order
     pub(crate) objects: u32, // objects per slab
@@ -203,7 +204,7 @@ pub struct KmemCache {
     name_len: u8,
 }
 
-// SAFETY: the raw `sheaves` pointer refers to memory owned by the cache for its whole life;
+// SAFETY: the sheaves after the struct are memory owned by the cache for its whole life;
 // each sheaf is only touched under its CPU's guard. Everything else is atomics or locks.
 unsafe impl Send for KmemCache {}
 // SAFETY: as for `Send`.
@@ -247,7 +248,6 @@ impl KmemCache {
         }
         name_buf[..len].copy_from_slice(&name.as_bytes()[..len]);
         KmemCache {
-            sheaves: NonNull::dangling(),
             sheaf_cap: cap as u32,
             size: size as u32,
             object_size: AtomicU32::new(object_size as u32),

@@ -34,13 +34,10 @@ pub mod shrink;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
+use cache::SHEAVES_OFFSET;
 pub use cache::{Ctor, KmemCache, KmemCacheArgs, SlabFlags};
 use node::Slabs;
 use sheaf::{SHEAF_MAX, Sheaf};
-
-/// Where a cache's sheaves start: right after the `KmemCache` struct, on a cache line, in
-/// the same allocation (`kmem_cache_create`).
-const SHEAVES_OFFSET: usize = core::mem::size_of::<KmemCache>().next_multiple_of(64);
 
 use crate::addr::PAGE_SIZE;
 use crate::gfp::{
@@ -218,7 +215,6 @@ impl SlabAllocator {
             }
             let c = base as *mut KmemCache;
             c.write(proto);
-            (*c).sheaves = NonNull::new_unchecked(sheaves);
             (*c).alloc_size = bytes;
             (*c).nr_cpus = pa.nr_cpus() as u32;
             &*c
@@ -288,16 +284,10 @@ impl SlabAllocator {
         if failslab.should_failslab(pa.platform(), || s.object_size(), gfp) {
             return None;
         }
-        // The sheaves at their fixed offset from the cache's address rather than loaded from
-        // it: the pop does not wait for that load.
-        let sheaves = (s as *const KmemCache as usize + SHEAVES_OFFSET) as *const Sheaf;
-        debug_assert_eq!(sheaves, s.sheaves.as_ptr().cast_const());
         // SAFETY: the closure only pops this CPU's sheaf: it takes no guard and never sleeps.
-        // Every cache has one sheaf per possible CPU `SHEAVES_OFFSET` bytes after its struct,
-        // in the same allocation (`kmem_cache_create`), and `cpu` is below `nr_cpu_ids`.
         let (obj, nested) = unsafe {
             pa.platform()
-                .this_cpu(|cpu, nested| ((*sheaves.add(cpu)).pop(), nested))
+                .this_cpu(|cpu, nested| (s.sheaf(cpu).pop(), nested))
         };
         let obj = match obj {
             Some(o) => o,
@@ -541,28 +531,10 @@ impl SlabAllocator {
         s: &KmemCache,
         obj: *mut u8,
     ) {
-        // SAFETY: `s.sheaves` are `s`'s sheaves; the caller's contract for `obj`.
-        unsafe { self.free_to_sheaves(pa, s, s.sheaves.as_ptr(), obj) }
-    }
-
-    /// [`SlabAllocator::free_to_cache`] given `s`'s sheaves.
-    ///
-    /// # Safety
-    ///
-    /// `sheaves` is `s.sheaves`; `obj` starts an object of `s` that the caller owns.
-    #[inline(always)]
-    unsafe fn free_to_sheaves<P: Platform>(
-        &self,
-        pa: &PageAlloc<P>,
-        s: &KmemCache,
-        sheaves: *const Sheaf,
-        obj: *mut u8,
-    ) {
-        // SAFETY: the closure only pushes onto this CPU's sheaf: no guard, no sleep. There is
-        // one sheaf per possible CPU at `sheaves` and `cpu` is below `nr_cpu_ids`.
+        // SAFETY: the closure only pushes onto this CPU's sheaf: no guard, no sleep.
         let pushed = unsafe {
             pa.platform()
-                .this_cpu(|cpu, _| (*sheaves.add(cpu)).push_checked(obj, s.sheaf_cap).is_ok())
+                .this_cpu(|cpu, _| s.sheaf(cpu).push_checked(obj, s.sheaf_cap).is_ok())
         };
         if !pushed {
             self.free_slow(pa, s, obj);
@@ -572,9 +544,6 @@ impl SlabAllocator {
     /// `kfree` of a slab object: finds the slab and its cache from the address, checks that
     /// `obj` starts an object, and frees it. Returns `false`, changing nothing, when `obj`
     /// is not an object of a slab.
-    ///
-    /// The cache's sheaves are found at a fixed offset from the cache's address in the
-    /// slab's descriptor, not loaded from the cache: the push does not wait for that load.
     ///
     /// # Safety
     ///
@@ -588,20 +557,15 @@ impl SlabAllocator {
         let Some((page, _, offset)) = Self::slab_head(pa, obj as usize) else {
             return false;
         };
-        let raw = page.private() as *const KmemCache;
         // SAFETY: a SLAB head's `private` is the address of the cache that owns it (set
         // before the slab was published, cleared after it was unpublished), and a cache
         // outlives its slabs.
-        let cache = unsafe { &*raw };
+        let cache = unsafe { &*(page.private() as *const KmemCache) };
         if cache.obj_index(offset, node::slab_objects(page)).is_none() {
             return false;
         }
-        // SAFETY: every cache is created with its sheaves `SHEAVES_OFFSET` bytes after the
-        // struct, in the same allocation (`kmem_cache_create`).
-        let sheaves = unsafe { raw.cast::<u8>().add(SHEAVES_OFFSET).cast::<Sheaf>() };
-        debug_assert_eq!(sheaves, cache.sheaves.as_ptr().cast_const());
         // SAFETY: `obj` starts an object of `cache` (checked above); the caller's contract.
-        unsafe { self.free_to_sheaves(pa, cache, sheaves, obj) };
+        unsafe { self.free_to_cache(pa, cache, obj) };
         true
     }
 
@@ -923,7 +887,18 @@ impl KmemCache {
     pub(crate) fn sheaf(&self, cpu: usize) -> &Sheaf {
         // SAFETY: the cache was built with one sheaf per possible CPU and `cpu` comes from a
         // guard (below `nr_cpu_ids`).
-        unsafe { &*self.sheaves.as_ptr().add(cpu) }
+        unsafe { &*self.sheaves().add(cpu) }
+    }
+
+    /// The sheaves: `SHEAVES_OFFSET` bytes after the struct, in the same allocation. Computed
+    /// from the cache's address rather than kept in a field, so the fast paths do not wait
+    /// for a load before they can reach their sheaf (in `kfree`, the cache's address itself
+    /// comes from a load of the slab's descriptor).
+    #[inline(always)]
+    fn sheaves(&self) -> *const Sheaf {
+        // Direct-map addresses are handled as integers throughout the core: the cache's
+        // allocation, like every direct-map page, is reached by address.
+        (self as *const KmemCache as usize + SHEAVES_OFFSET) as *const Sheaf
     }
 
     /// Sheaf `i` of the barn. The caller holds the barn lock.
@@ -932,7 +907,7 @@ impl KmemCache {
         assert!(i < sheaf::BARN_SHEAVES);
         // SAFETY: the cache was built with `BARN_SHEAVES` sheaves after the CPUs' ones, and
         // `nr_cpus` is where those start (set with them at creation).
-        unsafe { &*self.sheaves.as_ptr().add(self.nr_cpus as usize + i) }
+        unsafe { &*self.sheaves().add(self.nr_cpus as usize + i) }
     }
 
     /// Objects sitting in CPU sheaves, summed (racy; for reports).
