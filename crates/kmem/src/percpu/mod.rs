@@ -957,7 +957,7 @@ impl<P: Platform, T> Drop for PerCpuBox<'_, P, T> {
 /// This CPU's copy of a per-CPU allocation, with the caller pinned to the CPU
 /// (`get_cpu_ptr`). Dropping it is `put_cpu_ptr`.
 pub struct CpuPtr<'a, P: Platform + 'a, T> {
-    _guard: P::Guard<'a>,
+    guard: P::Guard<'a>,
     ptr: NonNull<T>,
 }
 
@@ -966,12 +966,12 @@ impl<'a, P: Platform, T> CpuPtr<'a, P, T> {
     pub fn get(platform: &'a P, ptr: PercpuPtr<T>) -> Self {
         let guard = platform.cpu_guard();
         let ptr = ptr.this_cpu_ptr(&guard);
-        CpuPtr { _guard: guard, ptr }
+        CpuPtr { guard, ptr }
     }
 
     /// The CPU the caller is pinned to.
     pub fn cpu(&self) -> usize {
-        self._guard.cpu()
+        self.guard.cpu()
     }
 
     /// The copy. Dereferencing it is the caller's business (it may be shared with remote
