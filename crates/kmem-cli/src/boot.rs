@@ -4,7 +4,7 @@
 //! The command line is taken by [`MachineConfig::with_cmdline`] (the mapping table is in
 //! `kmem_hosted::boot_params`); traces are parsed and replayed by `kmem_hosted::trace`.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -124,7 +124,7 @@ fn boot(cli: &Cli, args: &BootArgs) -> Result<(), String> {
         .map_err(|e| format!("bad kernel command line: {e}"))?;
     // Read the trace before booting, so a bad trace is reported without a boot log.
     let trace = match &args.then {
-        Some(BootCommand::Run(run)) => Some(load(&run.trace)?),
+        Some(BootCommand::Run(run)) => Some(crate::sampler::load_trace(&run.trace)?),
         None => None,
     };
     let m = boot_machine(cfg, cli.dmesg)?;
@@ -144,35 +144,10 @@ fn boot(cli: &Cli, args: &BootArgs) -> Result<(), String> {
 }
 
 fn run_plain(cli: &Cli, args: &RunArgs) -> Result<(), String> {
-    let trace = load(&args.trace)?;
+    let trace = crate::sampler::load_trace(&args.trace)?;
     let m = boot_machine(crate::machine_config(cli), cli.dmesg)?;
     m.platform().take_log();
     replay(&m, &trace, args, cli.dmesg, &mut std::io::stdout().lock())
-}
-
-/// Reads and checks a trace: a file, `-` (standard input) or `builtin:NAME`.
-fn load(source: &str) -> Result<Trace, String> {
-    if let Some(name) = source.strip_prefix("builtin:") {
-        return Trace::builtin(name).ok_or_else(|| {
-            let names: Vec<&str> = BUILTINS.iter().map(|(n, _)| *n).collect();
-            format!(
-                "no built-in workload \"{name}\" (there are: {})",
-                names.join(", ")
-            )
-        });
-    }
-    let text = if source == "-" {
-        let mut s = String::new();
-        std::io::stdin()
-            .read_to_string(&mut s)
-            .map_err(|e| format!("cannot read the trace from standard input: {e}"))?;
-        s
-    } else {
-        std::fs::read_to_string(source)
-            .map_err(|e| format!("cannot read the trace {source}: {e}"))?
-    };
-    let name = if source == "-" { "<stdin>" } else { source };
-    Trace::parse(&text).map_err(|e| format!("{name}:{}: {}", e.line, e.message))
 }
 
 /// `1536` -> `1.5 KiB`.

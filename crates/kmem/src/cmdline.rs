@@ -215,7 +215,17 @@ pub fn memparse(s: &str) -> Result<(u64, &str), CmdlineError<'_>> {
 /// A whole field as a size: [`memparse`] with nothing left over. `what` names the field
 /// in errors.
 fn parse_size<'a>(what: &'static str, s: &'a str) -> Result<u64, CmdlineError<'a>> {
-    match memparse(s) {
+    whole(what, s, memparse(s))
+}
+
+/// The value of a field parsed by `parsed`, which must have consumed all of `s`; errors name
+/// the field as `what`.
+fn whole<'a>(
+    what: &'static str,
+    s: &'a str,
+    parsed: Result<(u64, &'a str), CmdlineError<'a>>,
+) -> Result<u64, CmdlineError<'a>> {
+    match parsed {
         Ok((v, "")) => Ok(v),
         Ok((_, rest)) => Err(CmdlineError::Trailing {
             what,
@@ -389,17 +399,7 @@ fn decimal_u64(s: &str) -> Option<u64> {
 
 /// A whole field as a C-notation number (`simple_strtoull(s, &end, 0)` with nothing left).
 fn parse_number<'a>(what: &'static str, s: &'a str) -> Result<u64, CmdlineError<'a>> {
-    match strtoull(s) {
-        Ok((v, "")) => Ok(v),
-        Ok((_, rest)) => Err(CmdlineError::Trailing {
-            what,
-            text: s,
-            rest,
-        }),
-        Err(CmdlineError::NotANumber { .. }) => Err(CmdlineError::NotANumber { what, text: s }),
-        Err(CmdlineError::Overflow { text, .. }) => Err(CmdlineError::Overflow { what, text }),
-        Err(e) => Err(e),
-    }
+    whole(what, s, strtoull(s))
 }
 
 /// `setup_fault_attr`: `<interval>,<probability>,<space>,<times>`, four decimal numbers
