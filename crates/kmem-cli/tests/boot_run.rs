@@ -2,12 +2,10 @@
 
 use std::path::PathBuf;
 
+mod common;
 use assert_cmd::Command;
+use common::kmem;
 use predicates::prelude::*;
-
-fn kmem() -> Command {
-    Command::cargo_bin("kmem").expect("the kmem binary is built")
-}
 
 fn stdout(cmd: &mut Command) -> String {
     let out = cmd.assert().success();

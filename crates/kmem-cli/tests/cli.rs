@@ -1,11 +1,8 @@
 //! The `kmem` command as a user runs it.
 
-use assert_cmd::Command;
+mod common;
+use common::kmem;
 use predicates::prelude::*;
-
-fn kmem() -> Command {
-    Command::cargo_bin("kmem").expect("the kmem binary is built")
-}
 
 #[test]
 fn demo_on_defaults_tells_the_whole_story() {

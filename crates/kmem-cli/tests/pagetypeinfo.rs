@@ -1,19 +1,10 @@
 //! `kmem proc pagetypeinfo`: Linux's layout, buddyinfo's numbers under `Unmovable`, and the
 //! pageblock counts Linux prints for the same memory map.
 
-use assert_cmd::Command;
+mod common;
+use common::kmem_stdout;
 
 const SAMPLE: &str = include_str!("../../../testdata/proc-samples/pagetypeinfo");
-
-fn kmem_stdout(args: &[&str]) -> String {
-    let out = Command::cargo_bin("kmem")
-        .expect("the kmem binary is built")
-        .args(args)
-        .output()
-        .expect("kmem runs");
-    assert!(out.status.success(), "kmem {args:?}: {out:?}");
-    String::from_utf8(out.stdout).expect("UTF-8 output")
-}
 
 /// The numbers after the label of a `Node ...` line.
 fn numbers(line: &str, label_end: usize) -> Vec<u64> {

@@ -13,17 +13,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command as Process;
 
-use assert_cmd::Command;
-
-fn kmem_stdout(args: &[&str]) -> String {
-    let out = Command::cargo_bin("kmem")
-        .expect("the kmem binary is built")
-        .args(args)
-        .output()
-        .expect("kmem runs");
-    assert!(out.status.success(), "kmem {args:?}: {out:?}");
-    String::from_utf8(out.stdout).expect("UTF-8 output")
-}
+mod common;
+use common::kmem_stdout;
 
 /// Writes `text` to a fresh temporary file named `name`.
 fn temp_file(name: &str, text: &str) -> PathBuf {
