@@ -331,6 +331,8 @@ fn zero_size_and_null() {
     assert_eq!(m.ksize(std::ptr::null()), 0);
     kfree(&m, ZERO_SIZE_PTR);
     kfree(&m, std::ptr::null_mut());
+    // Everything up to ZERO_SIZE_PTR counts as null (Linux's ZERO_OR_NULL_PTR).
+    kfree(&m, std::ptr::without_provenance_mut(8));
     // SAFETY: null and ZERO_SIZE_PTR are no-ops for kfree_sensitive too.
     unsafe {
         m.kfree_sensitive(ZERO_SIZE_PTR);

@@ -235,9 +235,10 @@ impl Kmalloc {
     /// If `p` is a live kmalloc allocation, nothing may use it after this call.
     #[inline(always)]
     pub unsafe fn kfree<P: Platform>(&self, slab: &SlabAllocator, pa: &PageAlloc<P>, p: *mut u8) {
-        if (p as usize) <= ZERO_SIZE_PTR as usize {
-            return;
-        }
+        // Null and `ZERO_SIZE_PTR` need no test here: no slab page is ever mapped at
+        // addresses `0..=ZERO_SIZE_PTR` (`PageAlloc::boot` reserves that frame when the
+        // direct map would put one there), so the slab lookup refuses them and
+        // `kfree_large` drops them.
         // SAFETY: the caller's contract.
         if !unsafe { slab.kfree_slab_object(pa, p) } {
             self.kfree_large(pa, p);
@@ -247,6 +248,9 @@ impl Kmalloc {
     #[cold]
     #[inline(never)]
     fn kfree_large<P: Platform>(&self, pa: &PageAlloc<P>, p: *mut u8) {
+        if (p as usize) <= ZERO_SIZE_PTR as usize {
+            return;
+        }
         let page = pa.virt_to_page(crate::addr::VirtAddr(p as usize));
         match page {
             Some(page)

@@ -162,6 +162,14 @@ impl<P: Platform> PageAlloc<P> {
         }
         let entries = entries as usize;
         let dm = platform.direct_map_base();
+        // Nothing may be allocated at virtual addresses `0..PAGE_SIZE`: `kfree` relies on
+        // the slab lookup refusing null and `ZERO_SIZE_PTR`. Only a direct map at 0 (an
+        // identity map) puts a frame there, frame 0, which x86 Linux reserves too.
+        if dm == 0 && memblock.start_of_dram() == 0 {
+            memblock
+                .reserve(0, PAGE_SIZE as u64)
+                .map_err(|_| BootError::NoBootMemory)?;
+        }
 
         // mem_map, from memblock, every descriptor reserved and tagged with its zone.
         let mm_bytes = entries * core::mem::size_of::<Page>();

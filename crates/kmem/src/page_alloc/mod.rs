@@ -594,9 +594,10 @@ impl<P: Platform> PageAlloc<P> {
     /// Gives a slab's pages back (`__free_slab`).
     pub(crate) fn free_slab_pages(&self, idx: u32, order: u32) {
         let page = self.mm.at(idx);
+        // The object count in `head` first: it is what `kfree`'s lookup tests.
+        page.head.store(0, Relaxed);
         page.set_state(page.state() & !pg::SLAB);
         page.set_private(0);
-        page.head.store(0, Relaxed);
         // SAFETY: the slab layer owns this allocation of `order` and no longer uses it.
         unsafe { self.__free_pages(page, order) };
     }

@@ -60,8 +60,9 @@ pub struct Page {
     pub(crate) next: AtomicU32,
     /// Previous page in a doubly linked list, or `NIL`.
     pub(crate) prev: AtomicU32,
-    /// Compound tail: index of the head. Owners above the page allocator (slab) may use it
-    /// while they own the page.
+    /// Compound tail: index of the head (below 2^32). Owners above the page allocator (slab)
+    /// may use it while they own the page; only a slab's head page sets its top 16 bits
+    /// (`kfree` relies on that), and the page allocator clears it when the slab goes back.
     pub(crate) head: AtomicUsize,
     /// A word for the page's owner (slab: the cache; others: `page->private`).
     pub(crate) private: AtomicUsize,

@@ -179,7 +179,8 @@ pub struct KmemCache {
     pub(crate) sheaf_cap: u32, // objects a sheaf holds before a flush
     pub(crate) size: u32,      // distance between objects
     pub(crate) object_size: AtomicU32, // what the creators asked for (the largest, if merged)
-    pub(crate) reciprocal_size: u32, // ceil(2^32 / size): offset -> index without division
+    pub(crate) size_shift: u32, // trailing zeros of `size` (`size = odd << size_shift`)
+    pub(crate) inv_size: u64,  // inverse of `size`'s odd part modulo 2^64 (`obj_index`)
     pub(crate) offset: u32,    // where a free object keeps its next index
     pub(crate) align: u32,
     pub(crate) order: u32,   // slab order
@@ -251,7 +252,8 @@ impl KmemCache {
             sheaf_cap: cap as u32,
             size: size as u32,
             object_size: AtomicU32::new(object_size as u32),
-            reciprocal_size: (1u64 << 32).div_ceil(size as u64) as u32,
+            size_shift: size.trailing_zeros(),
+            inv_size: inverse_mod_2_64((size >> size.trailing_zeros()) as u64),
             offset: offset as u32,
             align: align as u32,
             order,
@@ -332,11 +334,38 @@ impl KmemCache {
 
     /// Index of the object at byte `offset` of a slab of `objects` objects, if `offset`
     /// starts one (`obj_to_index` plus SLUB's `check_valid_pointer`).
+    ///
+    /// One multiplication and one rotation, no division: with `size = d << k` (`d` odd,
+    /// `inv` its inverse modulo 2^64), `x = (offset * inv) rotate_right k`.
+    /// * `offset = i * size`: `offset * inv = i << k` (as `i * size < 2^64`), so `x = i`.
+    /// * `offset` not a multiple of `2^k`: multiplying by the odd `inv` keeps its lowest set
+    ///   bit below `k`, which the rotation moves to bit `64 - k` or above: `x >= 2^(64-k)`.
+    /// * `offset = j << k` with `d` not dividing `j`: `x = j * inv mod 2^(64-k)`, and for an
+    ///   odd `d`, `j * inv mod 2^n <= (2^n - 1) / d` exactly when `d` divides `j` (the
+    ///   divisibility test of Granlund and Montgomery), so `x > (2^(64-k) - 1) / d`.
+    ///
+    /// For any size below 2^47 both bounds exceed 2^16, above any slab's `objects` (at most
+    /// [`MAX_OBJS_PER_SLAB`]): `x < objects` is the whole test.
     #[inline(always)]
     pub(crate) fn obj_index(&self, offset: usize, objects: u32) -> Option<u32> {
-        let idx = ((offset as u64 * self.reciprocal_size as u64) >> 32) as u32;
-        (idx < objects && idx as usize * self.size as usize == offset).then_some(idx)
+        let x = (offset as u64)
+            .wrapping_mul(self.inv_size)
+            .rotate_right(self.size_shift);
+        (x < objects as u64).then_some(x as u32)
     }
+}
+
+/// The inverse of odd `d` modulo 2^64, by Newton's iteration: `d * d = 1 (mod 8)`, and each
+/// step doubles the bits that are right (3, 6, 12, 24, 48, 96).
+const fn inverse_mod_2_64(d: u64) -> u64 {
+    assert!(d & 1 == 1);
+    let mut x = d;
+    let mut i = 0;
+    while i < 5 {
+        x = x.wrapping_mul(2u64.wrapping_sub(d.wrapping_mul(x)));
+        i += 1;
+    }
+    x
 }
 
 #[cfg(test)]
@@ -368,18 +397,48 @@ mod tests {
     }
 
     #[test]
+    fn inverses_are_inverses() {
+        for d in (1u64..20_000).step_by(2).chain([u64::MAX, (1 << 63) + 1]) {
+            assert_eq!(d.wrapping_mul(inverse_mod_2_64(d)), 1, "{d}");
+        }
+    }
+
+    #[test]
     fn obj_index_is_exact() {
-        for size in [8usize, 24, 96, 192, 200, 1000, 3000, 8192] {
+        // Every byte offset of a slab, and past it, for sizes with odd parts of every kind.
+        let sizes = [
+            8usize, 16, 24, 40, 56, 96, 104, 192, 200, 256, 1000, 1032, 3000, 8192,
+        ];
+        for size in sizes
+            .into_iter()
+            .chain([MAX_OBJECT_SIZE - 8, MAX_OBJECT_SIZE])
+        {
             let c = KmemCache::new("t", size, 0, SlabFlags::NONE, None, 0, 4, Gfp::NONE);
             let s = c.size();
             let n = c.objects_per_slab() as u32;
-            for i in 0..c.objects_per_slab() {
-                assert_eq!(c.obj_index(i * s, n), Some(i as u32));
-                if s > 8 {
-                    assert_eq!(c.obj_index(i * s + 8, n), None, "size {s} index {i}");
-                }
+            let slab = PAGE_SIZE << c.order;
+            let step = if slab > 1 << 16 { 8 } else { 1 };
+            for off in (0..slab + 2 * s).step_by(step) {
+                let want = (off % s == 0 && off / s < n as usize).then_some((off / s) as u32);
+                assert_eq!(c.obj_index(off, n), want, "size {s} offset {off}");
+                // A fallback slab of fewer objects has no objects past its own count.
+                let fewer = (n / 2).max(1);
+                let want = want.filter(|&i| i < fewer);
+                assert_eq!(
+                    c.obj_index(off, fewer),
+                    want,
+                    "size {s} offset {off} of {fewer}"
+                );
             }
-            assert_eq!(c.obj_index(c.objects_per_slab() * s, n), None);
+            for off in [
+                usize::MAX,
+                usize::MAX - 7,
+                1 << 40,
+                (1 << 40) + s,
+                isize::MAX as usize,
+            ] {
+                assert_eq!(c.obj_index(off, n), None, "size {s} offset {off:#x}");
+            }
             assert_eq!(
                 c.obj_index(s, 1),
                 None,

@@ -413,23 +413,23 @@ impl SlabAllocator {
 
     // ------------------------------------------------------------------ freeing
 
-    /// The head page of the slab holding address `p`, its `mem_map` index and `p`'s offset
-    /// in the slab; `None` when `p` is not in a slab.
+    /// The head page of the slab holding address `p`, its `mem_map` index, `p`'s offset in
+    /// the slab and the slab's object count; `None` when `p` is not in a slab.
     #[inline(always)]
     fn slab_head<P: Platform>(
         pa: &PageAlloc<P>,
         p: usize,
-    ) -> Option<(&crate::page_alloc::page::Page, usize, usize)> {
-        let (mut idx, mut offset) = pa.addr_index_offset(p)?;
-        let mm = pa.mem_map();
-        let mut page = mm.at_usize(idx);
+    ) -> Option<(&crate::page_alloc::page::Page, usize, usize, u32)> {
+        let (idx, offset) = pa.addr_index_offset(p)?;
+        let page = pa.mem_map().at_usize(idx);
         // One test for the common case, a slab's head page (every order-0 slab), where the
-        // offset in the slab is the offset in the page.
-        if page.state() & (pg::TAIL | pg::SLAB) != pg::SLAB {
-            (idx, offset) = Self::lookup_tail(pa, p, page)?;
-            page = mm.at_usize(idx);
+        // offset in the slab is the offset in the page: only a slab's head has a non-zero
+        // object count in the top bits of its `head` word (`node::slab_objects`).
+        let objects = node::slab_objects(page);
+        if objects == 0 {
+            return Self::lookup_tail(pa, p, page);
         }
-        Some((page, idx, offset))
+        Some((page, idx, offset, objects))
     }
 
     /// The cache, slab and index of the object at `p`, if `p` starts an object of a slab.
@@ -439,13 +439,13 @@ impl SlabAllocator {
         pa: &'a PageAlloc<P>,
         p: usize,
     ) -> Option<ObjRef<'a>> {
-        let (page, idx, offset) = Self::slab_head(pa, p)?;
+        let (page, idx, offset, objects) = Self::slab_head(pa, p)?;
         // SAFETY: a SLAB head's `private` is the cache that owns it (set before the slab was
         // published, cleared after it was unpublished), and a cache outlives its slabs.
         let cache = unsafe { &*(page.private() as *const KmemCache) };
         // Fallback slabs (smaller than the cache's order) hold fewer objects: check against
         // the slab's own count, as `check_valid_pointer` does.
-        let index = cache.obj_index(offset, node::slab_objects(page))?;
+        let index = cache.obj_index(offset, objects)?;
         Some(ObjRef {
             cache,
             slab: idx as u32,
@@ -453,23 +453,25 @@ impl SlabAllocator {
         })
     }
 
-    /// `lookup` off its common case, out of line: `page` is not a slab's head page; if it is
-    /// a tail page of a slab, the head's index and `p`'s offset in the slab.
+    /// `slab_head` off its common case, out of line: `page` is not a slab's head page; if
+    /// it is a tail page of a slab, the slab's head as `slab_head` returns it.
     #[cold]
     #[inline(never)]
-    fn lookup_tail<P: Platform>(
-        pa: &PageAlloc<P>,
+    fn lookup_tail<'a, P: Platform>(
+        pa: &'a PageAlloc<P>,
         p: usize,
         page: &crate::page_alloc::page::Page,
-    ) -> Option<(usize, usize)> {
+    ) -> Option<(&'a crate::page_alloc::page::Page, usize, usize, u32)> {
         if page.state() & pg::TAIL == 0 {
             return None;
         }
         let idx = page.head.load(Relaxed) as u32;
-        if pa.mem_map().at(idx).state() & pg::SLAB == 0 {
+        let head = pa.mem_map().at(idx);
+        let objects = node::slab_objects(head);
+        if head.state() & pg::SLAB == 0 || objects == 0 {
             return None;
         }
-        Some((idx as usize, p - pa.idx_address(idx)))
+        Some((head, idx as usize, p - pa.idx_address(idx), objects))
     }
 
     /// Frees an object of `s` (`kmem_cache_free`).
@@ -492,10 +494,12 @@ impl SlabAllocator {
         // `cache_from_obj` first (the slab must be `s`'s), then `check_valid_pointer` with
         // `s`'s own geometry, which the caller already has at hand.
         let valid = match Self::slab_head(pa, obj as usize) {
-            Some((page, _, offset)) if page.private() == s as *const KmemCache as usize => {
-                s.obj_index(offset, node::slab_objects(page)).is_some()
+            Some((page, _, offset, objects))
+                if page.private() == s as *const KmemCache as usize =>
+            {
+                s.obj_index(offset, objects).is_some()
             }
-            Some((page, _, _)) => {
+            Some((page, _, _, _)) => {
                 // SAFETY: a SLAB head's `private` is its cache, alive while it has slabs.
                 let other = unsafe { &*(page.private() as *const KmemCache) };
                 return self.report_free(
@@ -554,14 +558,14 @@ impl SlabAllocator {
         pa: &PageAlloc<P>,
         obj: *mut u8,
     ) -> bool {
-        let Some((page, _, offset)) = Self::slab_head(pa, obj as usize) else {
+        let Some((page, _, offset, objects)) = Self::slab_head(pa, obj as usize) else {
             return false;
         };
         // SAFETY: a SLAB head's `private` is the address of the cache that owns it (set
         // before the slab was published, cleared after it was unpublished), and a cache
         // outlives its slabs.
         let cache = unsafe { &*(page.private() as *const KmemCache) };
-        if cache.obj_index(offset, node::slab_objects(page)).is_none() {
+        if cache.obj_index(offset, objects).is_none() {
             return false;
         }
         // SAFETY: `obj` starts an object of `cache` (checked above); the caller's contract.

@@ -11,8 +11,8 @@
 //! |---|---|
 //! | 0..16 | index of the first free object in the slab, `FREE_NONE` when none |
 //! | 16..32 | `inuse`: objects out of the slab (allocated, or in some CPU's sheaf) |
-//! | 32..48 | `objects`: the slab's capacity |
-//! | 48..56 | which list the slab is on |
+//! | 32..40 | which list the slab is on |
+//! | 48..64 | `objects`: the slab's capacity (on top: one shift reads it in `kfree`) |
 //!
 //! A free object holds the index of the next free object in 32 bits at the cache's `offset`.
 //!
@@ -36,10 +36,13 @@ const LIST_NONE: u64 = 0;
 const LIST_PARTIAL: u64 = 1;
 const LIST_FULL: u64 = 2;
 
-/// The capacity of the slab whose head descriptor is `page` (its packed `objects`).
+/// The capacity of the slab whose head descriptor is `page` (its packed `objects`), or 0
+/// when `page` is not a slab's head: every other page keeps the top 16 bits of `head` clear
+/// (a compound tail holds its head's 32-bit index, the page allocator clears the word when a
+/// slab's pages go back), and a slab holds at least one object.
 #[inline(always)]
 pub(crate) fn slab_objects(page: &crate::page_alloc::page::Page) -> u32 {
-    ((page.head.load(Relaxed) as u64 >> 32) & 0xffff) as u32
+    (page.head.load(Relaxed) as u64 >> 48) as u32
 }
 
 /// A slab's counters, unpacked.
@@ -55,16 +58,16 @@ impl Counters {
     fn pack(self) -> usize {
         (self.freelist as u64
             | (self.inuse as u64) << 16
-            | (self.objects as u64) << 32
-            | self.list << 48) as usize
+            | self.list << 32
+            | (self.objects as u64) << 48) as usize
     }
     fn unpack(w: usize) -> Counters {
         let w = w as u64;
         Counters {
             freelist: (w & 0xffff) as u32,
             inuse: ((w >> 16) & 0xffff) as u32,
-            objects: ((w >> 32) & 0xffff) as u32,
-            list: (w >> 48) & 0xff,
+            objects: (w >> 48) as u32,
+            list: (w >> 32) & 0xff,
         }
     }
 }
