@@ -347,7 +347,7 @@ impl KmemCache {
     /// For any size below 2^47 both bounds exceed 2^16, above any slab's `objects` (at most
     /// [`MAX_OBJS_PER_SLAB`]): `x < objects` is the whole test.
     #[inline(always)]
-    pub(crate) fn obj_index(&self, offset: usize, objects: u32) -> Option<u32> {
+    pub(crate) fn obj_index(&self, offset: usize, objects: usize) -> Option<u32> {
         let x = (offset as u64)
             .wrapping_mul(self.inv_size)
             .rotate_right(self.size_shift);
@@ -415,15 +415,15 @@ mod tests {
         {
             let c = KmemCache::new("t", size, 0, SlabFlags::NONE, None, 0, 4, Gfp::NONE);
             let s = c.size();
-            let n = c.objects_per_slab() as u32;
+            let n = c.objects_per_slab();
             let slab = PAGE_SIZE << c.order;
             let step = if slab > 1 << 16 { 8 } else { 1 };
             for off in (0..slab + 2 * s).step_by(step) {
-                let want = (off % s == 0 && off / s < n as usize).then_some((off / s) as u32);
+                let want = (off % s == 0 && off / s < n).then_some((off / s) as u32);
                 assert_eq!(c.obj_index(off, n), want, "size {s} offset {off}");
                 // A fallback slab of fewer objects has no objects past its own count.
                 let fewer = (n / 2).max(1);
-                let want = want.filter(|&i| i < fewer);
+                let want = want.filter(|&i| (i as usize) < fewer);
                 assert_eq!(
                     c.obj_index(off, fewer),
                     want,

@@ -419,7 +419,7 @@ impl SlabAllocator {
     fn slab_head<P: Platform>(
         pa: &PageAlloc<P>,
         p: usize,
-    ) -> Option<(&crate::page_alloc::page::Page, usize, usize, u32)> {
+    ) -> Option<(&crate::page_alloc::page::Page, usize, usize, usize)> {
         let (idx, offset) = pa.addr_index_offset(p)?;
         let page = pa.mem_map().at_usize(idx);
         // One test for the common case, a slab's head page (every order-0 slab), where the
@@ -461,7 +461,7 @@ impl SlabAllocator {
         pa: &'a PageAlloc<P>,
         p: usize,
         page: &crate::page_alloc::page::Page,
-    ) -> Option<(&'a crate::page_alloc::page::Page, usize, usize, u32)> {
+    ) -> Option<(&'a crate::page_alloc::page::Page, usize, usize, usize)> {
         if page.state() & pg::TAIL == 0 {
             return None;
         }

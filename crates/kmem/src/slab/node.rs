@@ -41,8 +41,8 @@ const LIST_FULL: u64 = 2;
 /// (a compound tail holds its head's 32-bit index, the page allocator clears the word when a
 /// slab's pages go back), and a slab holds at least one object.
 #[inline(always)]
-pub(crate) fn slab_objects(page: &crate::page_alloc::page::Page) -> u32 {
-    (page.head.load(Relaxed) as u64 >> 48) as u32
+pub(crate) fn slab_objects(page: &crate::page_alloc::page::Page) -> usize {
+    page.head.load(Relaxed) >> 48
 }
 
 /// A slab's counters, unpacked.
