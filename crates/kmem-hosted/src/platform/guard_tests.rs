@@ -426,6 +426,145 @@ fn exclusive_under_contention() {
     }
 }
 
+/// `contention` with the closure fast path (`this_cpu`, the one the sheaves and per-CPU page
+/// lists use) mixed with guards, nested guards and `lock_cpu`, more threads than vCPUs (so
+/// vCPUs are stolen, and sticky vCPUs change seat after seat).
+fn this_cpu_contention(mode: GuardMode, nr_cpus: usize, threads: usize, iters: usize) {
+    let p = machine_in(nr_cpus, mode);
+    let counters = PerCpu::new(nr_cpus);
+    let expected = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (p, counters, expected) = (&p, &counters, &expected);
+            s.spawn(move || {
+                let mut n = 0;
+                for i in 0..iters {
+                    match (i + t) % 11 {
+                        0 => {
+                            let l = p.lock_cpu((i / 11 + t) % nr_cpus);
+                            counters.bump(l.cpu(), (i + t) % 5 == 0);
+                        }
+                        1 | 2 => {
+                            let g = p.cpu_guard();
+                            counters.bump(g.cpu(), false);
+                            let h = p.cpu_guard();
+                            assert!(h.nested());
+                            counters.bump(h.cpu(), false);
+                            n += 1;
+                        }
+                        _ => {
+                            // SAFETY: the closure takes no guard, does not ask `in_atomic`
+                            // and does not sleep (`bump` without `slow` only spins).
+                            unsafe {
+                                p.this_cpu(|cpu, nested| {
+                                    assert!(!nested);
+                                    counters.bump(cpu, false);
+                                })
+                            };
+                        }
+                    }
+                    n += 1;
+                    assert!(!p.in_atomic());
+                    if i % 97 == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+                expected.fetch_add(n, Ordering::Relaxed);
+            });
+        }
+    });
+    assert_eq!(
+        counters.total(),
+        expected.load(Ordering::Relaxed) as u64,
+        "{mode:?}, {nr_cpus} vCPUs: lost increments"
+    );
+    if biased(&p) {
+        let st = p.guard_stats();
+        assert!(st.membarriers >= st.steals + st.revokes, "{st:?}");
+    }
+}
+
+#[test]
+fn this_cpu_exclusive_under_contention() {
+    for mode in MODES {
+        this_cpu_contention(mode, 1, 3, 5000);
+        this_cpu_contention(mode, 2, 5, 5000);
+        this_cpu_contention(mode, 3, 7, 5000);
+    }
+}
+
+/// A thread's sticky vCPU is revoked, it moves to another one, that one is revoked too and it
+/// moves back: each revocation takes exactly the vCPU the thread owns at the time (the one
+/// it lost earlier needs none), and the thread never enters a vCPU someone else holds.
+#[test]
+fn sticky_vcpu_moves_after_revocations() {
+    let p = machine_in(2, GuardMode::Biased);
+    if !biased(&p) {
+        return;
+    }
+    let barrier = Barrier::new(2);
+    let held = [AtomicBool::new(false), AtomicBool::new(false)];
+    let a_first = AtomicUsize::new(usize::MAX);
+    let enter = |cpu: usize| assert!(!held[cpu].load(Ordering::SeqCst), "entered held {cpu}");
+    std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            let first = p.cpu_guard().cpu();
+            a_first.store(first, Ordering::SeqCst);
+            barrier.wait(); // idle, owning `first`
+            barrier.wait(); // main holds `first`
+            let g = p.cpu_guard();
+            let second = g.cpu();
+            assert_ne!(second, first);
+            enter(second);
+            drop(g);
+            for _ in 0..100 {
+                // SAFETY: the closure takes no guard, asks nothing and does not sleep.
+                let c = unsafe { p.this_cpu(|cpu, _| cpu) };
+                assert_eq!(c, second);
+            }
+            barrier.wait(); // idle, owning `second`; main dropped `first`
+            barrier.wait(); // main holds `second`
+            for _ in 0..100 {
+                // SAFETY: as above.
+                let c = unsafe {
+                    p.this_cpu(|cpu, _| {
+                        enter(cpu);
+                        cpu
+                    })
+                };
+                assert_eq!(c, first, "the free vCPU");
+            }
+            barrier.wait();
+            (first, second)
+        });
+        barrier.wait();
+        // (This thread takes no guard of its own: it owns no vCPU, so A never steals.)
+        let first = a_first.load(Ordering::SeqCst);
+        let l = p.lock_cpu(first);
+        held[first].store(true, Ordering::SeqCst);
+        barrier.wait();
+        barrier.wait();
+        held[first].store(false, Ordering::SeqCst);
+        drop(l);
+        assert_eq!(p.guard_stats().revokes, 1);
+        // A gave `first` up when it moved: taking it needs no revocation now.
+        drop(p.lock_cpu(first));
+        assert_eq!(p.guard_stats().revokes, 1);
+        let second = 1 - first;
+        let l = p.lock_cpu(second);
+        held[second].store(true, Ordering::SeqCst);
+        assert_eq!(p.guard_stats().revokes, 2);
+        barrier.wait();
+        barrier.wait();
+        held[second].store(false, Ordering::SeqCst);
+        drop(l);
+        assert_eq!(a.join().unwrap(), (first, second));
+    });
+    let st = p.guard_stats();
+    assert_eq!(st.steals, 0, "{st:?}");
+    assert_eq!(st.membarriers, 2, "{st:?}");
+}
+
 /// `lock_cpu` of a vCPU whose owner thread is alive and idle: prompt, and excludes the owner
 /// when it comes back.
 fn lock_idle_owner(mode: GuardMode) {

@@ -3,71 +3,117 @@
 //! # State
 //!
 //! * A **vCPU** ([`VCpu`], alone on its cache lines) has an `owner` word: 0 when free, the
-//!   address of a *seat* (below) when a thread owns it *stickily*, or a seat's address with
-//!   bit 0 ([`LOCKED`]) set while a thread holds it in a *locked* section (a `lock_cpu` of a
-//!   vCPU that was not the caller's, a section taken over from another thread that is still
-//!   being waited for, or any section in [`GuardMode::Cas`]). Locked sections count their
-//!   guards in `depth`, touched only by the holder.
+//!   address of a *seat* (below) when a thread owns it *stickily* (a *plain* owner), or a
+//!   seat's address with bit 0 ([`LOCKED`]) set while a thread holds it in a *locked* section
+//!   (a `lock_cpu` of a vCPU that was not the caller's, a section taken over from another
+//!   thread that is still being waited for, or any section in [`GuardMode::Cas`]). Locked
+//!   sections count their guards in `depth`, touched only by the holder. `owner` is the
+//!   authority on who has a vCPU; it changes only by compare-and-swap, or by plain stores of
+//!   the thread that holds it locked.
 //! * A **seat** ([`Seat`], also alone on its cache lines) is one thread's identity on one
-//!   machine. Its `busy` word is `cpu + 1` while the thread is inside a section on its sticky
-//!   vCPU `cpu`, and 0 otherwise. Only the seat's thread writes `busy`. Seats belong to the
-//!   machine (they are freed with it) and are recycled when their thread exits.
+//!   machine. Two words, on one cache line, name vCPUs by their *token* `cpu + 1` (never 0):
+//!   * `busy` is the token of the seat's sticky vCPU while its thread is inside a section
+//!     on it (or trying to enter one), else 0. Only the seat's thread writes it.
+//!   * `grant` is the token of the vCPU the seat owns stickily, else 0: what the fast path
+//!     checks instead of the vCPU's `owner`. The seat's thread sets it (only as described
+//!     under *Grants*); a revoker that takes that vCPU from the seat clears it.
+//!
+//!   Seats belong to the machine (they are freed with it) and are recycled when their thread
+//!   exits.
 //! * A thread keeps, per machine, a [`Slot`] in a `const`, destructor-free thread-local: the
-//!   machine id, its seat, its sticky vCPU, and guard counts (`sdepth` for guards on the
-//!   sticky vCPU, `count` for all guards of the machine, which is `in_atomic`).
+//!   machine id, its seat, its sticky vCPU's token (`sticky`, 0 for none) and index, and
+//!   guard counts (`sdepth` for guards on the sticky vCPU, `count` for all guards of the
+//!   machine, which is `in_atomic`).
 //!
 //! # The fast path
 //!
-//! A thread that got a vCPU *keeps* it when its section ends. Its next `cpu_guard` does
+//! A thread that got a vCPU *keeps* it when its section ends. Its next `cpu_guard` (or
+//! `this_cpu`), with `t` the slot's `sticky` token, does
 //!
 //! ```text
-//! seat.busy = cpu + 1          (plain store, Release)
+//! seat.busy = t                (plain store, Release)
 //! compiler fence
-//! if vcpu.owner == seat        (plain load, Acquire)  -> inside the section
+//! if seat.grant == t           (plain load, Acquire)  -> inside the section on t - 1
 //! ```
 //!
 //! and the guard's drop stores `seat.busy = 0` (Release). Nested guards only touch the
-//! thread-local counts. No atomic read-modify-write, no hardware fence.
+//! thread-local counts. No atomic read-modify-write, no hardware fence, and no access to the
+//! vCPU: both words are on the seat's cache line, which only revocations write besides the
+//! thread itself.
+//!
+//! # Grants
+//!
+//! Invariants (G), for every seat X and vCPU c:
+//!
+//! 1. if `c.owner == X` (plain), then `X.grant == c + 1`;
+//! 2. if `X.grant == c + 1` while X's thread is outside its own acquiring step below, then
+//!    `c.owner == X`, or a revoker has replaced `c.owner == X` and has not yet cleared the
+//!    grant (so it has not started its membarrier either).
+//!
+//! So a seat owns at most one vCPU plainly, and it is the sticky vCPU of its slot. They hold
+//! because of three rules:
+//!
+//! * **Granting happens before owning.** X sets `X.grant = c + 1` only while it does not own
+//!   `c` and just before making itself its plain owner: before its `CAS(c.owner, 0, X)`
+//!   (AcqRel; on failure X puts `grant` back to 0), or after a steal, before its
+//!   `c.owner = X` (Release). A revoker reads `owner == X` with Acquire, so X's grant store
+//!   happens before the revoker's clear, and the clear wins.
+//! * **Clearing happens after disowning.** A revoker clears X's grant only after its CAS took
+//!   `c` from X, and only if it still names `c` (`CAS(X.grant, c + 1, 0)`): a later grant of
+//!   another vCPU is not its to clear. While it holds `c` locked nobody else can own `c`, so
+//!   the grant it clears cannot be a newer one of `c`. Thread exit (`release_seat`) disowns
+//!   every vCPU of the seat and then clears its grant.
+//! * X never re-grants a vCPU it already owns (a grant store could land after a revoker's
+//!   clear); it checks the grant through the fast-path protocol instead (`try_sticky`).
 //!
 //! # Revocation
 //!
 //! Another thread R takes a vCPU `c` owned by seat X (to *steal* it when every vCPU has an
 //! owner, or for `lock_cpu(c)`) by
 //!
-//! 1. `CAS(c.owner, X, R | LOCKED)`: X's later sections on `c` fail their owner check;
-//! 2. `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`;
-//! 3. waiting until `X.busy != c + 1` (Acquire): X has left the section it was in.
+//! 1. `CAS(c.owner, X, R | LOCKED)` (Acquire): nobody can grant `c` to itself any more;
+//! 2. `CAS(X.grant, c + 1, 0)`: X's later sections on `c` fail their grant check;
+//! 3. `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`;
+//! 4. waiting until `X.busy != c + 1` (Acquire): X has left the section it was in.
 //!
 //! R then has `c` to itself. A `lock_cpu` section gives `c` back on drop (`owner = 0`), and
-//! X finds it again with a compare-and-swap on its slow path; a steal becomes R's sticky
-//! vCPU (`R.busy = c + 1`, then `owner = R`, both Release).
+//! X finds it again with a compare-and-swap on its slow path (granting first); a steal
+//! becomes R's sticky vCPU (`R.busy = c + 1`, `R.grant = c + 1`, then `owner = R`, Release).
 //!
-//! **Why this is exclusive.** X's fast path is *store `busy`; load `owner`*, with only a
+//! **Why this is exclusive.** X's fast path is *store `busy`; load `grant`*, with only a
 //! compiler fence between them, so the CPU may let the load pass the store. The membarrier
 //! makes every thread of the process that is running during the call execute a full memory
 //! barrier (threads not running have passed through the scheduler, which is one). Take X's
 //! section entry and the point where that barrier lands in X's instruction stream:
 //!
 //! * if the barrier lands after X's `busy` store, the store is visible to everyone when the
-//!   membarrier returns, so R's step 3 reads `c + 1` (or the 0 that X stores on leaving) and
+//!   membarrier returns, so R's step 4 reads `c + 1` (or the 0 that X stores on leaving) and
 //!   waits for X to leave;
-//! * if it lands before the store, X's `owner` load comes after the barrier, which comes after
-//!   R's CAS (the membarrier is called after the CAS and orders it): X reads R's value and
-//!   bails out to its slow path without touching the per-CPU data.
+//! * if it lands before the store, X's `grant` load comes after the barrier, which comes after
+//!   R's step 2 (the membarrier is called after it and orders it): X reads R's 0, or a value
+//!   X stored later itself, which is never `c + 1` while R holds `c` (by (G)), and bails out
+//!   to its slow path without touching the per-CPU data.
 //!
-//! Either way no section of X on `c` overlaps R's. X's drop stores `busy = 0` with Release and
-//! R reads it with Acquire, so X's writes in its section happen before R's. Because only X
-//! writes X's `busy`, a stale thread (whose vCPU was revoked while it was idle) cannot clear
-//! the `busy` of the new owner: its failed attempt writes its own seat only. A thread is in
-//! a sticky section on at most one vCPU per machine (nested `cpu_guard`s reuse it, and it
-//! picks a new sticky vCPU only when it holds no guard of the machine), so one `busy` word
-//! per seat is enough; holding `cpu + 1` rather than 1 keeps a revoker of `c` from waiting
-//! for the thread's sections on another vCPU.
+//! Either way no section of X on `c` overlaps R's. If R's step 2 finds no grant of `c` to
+//! clear (X's thread exited and released the seat), X's grant already does not name `c`,
+//! and while R holds `c` locked X cannot grant it to itself again: its acquiring CAS fails
+//! and it puts the grant back to 0 before it tries any section. X's drop stores `busy = 0`
+//! with Release and R reads it with Acquire, so X's writes in its section happen before R's;
+//! sections of X after it got `c` back are ordered after R's by the compare-and-swap that
+//! got it (Acquire against R's release of `c`). Because only X writes X's `busy`, a stale
+//! thread (whose vCPU was revoked while it was idle) cannot clear the `busy` of the new
+//! owner: its failed attempt writes its own seat only. A thread is in a sticky section on at
+//! most one vCPU per machine (nested `cpu_guard`s reuse it, and it picks a new sticky vCPU
+//! only when it holds no guard of the machine), so one `busy` word per seat is enough;
+//! holding the token rather than 1 keeps a revoker of `c` from waiting for the thread's
+//! sections on another vCPU.
 //!
 //! A locked owner (bit 0) is never revoked: others wait for it to become 0 (`lock_cpu`) or
 //! look elsewhere (`cpu_guard`). Seat recycling cannot fool a revoker: a recycled seat's
 //! `busy` is `c + 1` only when its new thread owns `c`, which needs `c`'s owner to pass
-//! through 0 or a plain owner, and a revoker holds it locked while it waits.
+//! through 0 or a plain owner, and a revoker holds it locked while it waits; its `grant` was
+//! cleared before the seat went back to the pool, and a revoker's late clear of it can only
+//! name the vCPU that revoker holds locked.
 //!
 //! # Slow paths
 //!
@@ -161,11 +207,21 @@ struct VCpu {
 /// A thread's identity on one machine, alone on its cache lines.
 #[repr(align(128))]
 struct Seat {
-    /// `cpu + 1` while the seat's thread is in a section on its sticky vCPU `cpu`, else 0.
-    /// Written only by that thread.
-    busy: AtomicU32,
+    /// The [`token`] of the seat's sticky vCPU while its thread is in a section on it, else
+    /// 0. Written only by that thread.
+    busy: AtomicUsize,
+    /// The [`token`] of the vCPU this seat owns stickily, else 0: what the fast path checks
+    /// after storing `busy` (see the module documentation for who writes it and when). Next
+    /// to `busy`, so the fast path touches one cache line of shared memory.
+    grant: AtomicUsize,
     /// Index in `SeatPool::all`.
     index: usize,
+}
+
+/// The value `busy` and `grant` hold for vCPU `cpu`: `cpu + 1`, never 0.
+#[inline(always)]
+fn token(cpu: usize) -> usize {
+    cpu + 1
 }
 
 #[derive(Default)]
@@ -197,7 +253,8 @@ impl Shared {
             None => {
                 let i = pool.all.len();
                 pool.all.push(Box::new(Seat {
-                    busy: AtomicU32::new(0),
+                    busy: AtomicUsize::new(0),
+                    grant: AtomicUsize::new(0),
                     index: i,
                 }));
                 i
@@ -206,20 +263,24 @@ impl Shared {
         &*pool.all[i]
     }
 
-    /// Gives back every vCPU `seat` owns and recycles the seat. Its thread holds no guard of
-    /// this machine and forgets the seat.
+    /// Gives back every vCPU `seat` owns and recycles the seat. Called on the seat's own
+    /// thread, which holds no guard of this machine and forgets the seat.
     fn release_seat(&self, seat: *const Seat) {
-        let token = seat as u64;
+        let me = seat as u64;
         for v in self.vcpus.iter() {
             let _ = v
                 .owner
-                .compare_exchange(token, 0, Ordering::Release, Ordering::Relaxed);
+                .compare_exchange(me, 0, Ordering::Release, Ordering::Relaxed);
         }
         // SAFETY: `seat` came from `alloc_seat` of this `Shared`, whose pool keeps every seat
         // until it is dropped.
-        let index = unsafe { (*seat).index };
+        let seat = unsafe { &*seat };
+        // The seat owns no vCPU any more, so its grant goes (a revoker that took one of its
+        // vCPUs before the loop above may clear it too: both write 0). The next thread to get
+        // the seat sees this store through the pool's mutex.
+        seat.grant.store(0, Ordering::Relaxed);
         let mut pool = self.seats.lock().unwrap_or_else(PoisonError::into_inner);
-        pool.free.push(index);
+        pool.free.push(seat.index);
     }
 
     /// `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`: a full barrier on every running
@@ -230,15 +291,23 @@ impl Shared {
             .expect("kmem-hosted: membarrier failed after registration");
     }
 
-    /// Steps 2 and 3 of a revocation: `owner` (a plain seat address) was just replaced on
-    /// vCPU `cpu`; waits until that seat's thread is out of any section on `cpu`.
+    /// Steps 2 to 4 of a revocation: `owner` (a plain seat address) was just replaced on
+    /// vCPU `cpu` by this thread's seat | [`LOCKED`]; takes the seat's grant of `cpu` away
+    /// and waits until the seat's thread is out of any section on `cpu`.
     fn wait_revoked(&self, owner: u64, cpu: usize) {
-        self.membarrier();
         // SAFETY: plain owner values are addresses of seats of this machine's pool, which
         // keeps them until the machine is dropped; `self` is borrowed, so it is alive.
         let seat = unsafe { &*(owner as *const Seat) };
+        let t = token(cpu);
+        // Only a grant of `cpu` goes: the seat may already hold a later grant of another
+        // vCPU (or none), which is not ours to clear. SeqCst (a locked instruction): the
+        // clear precedes the membarrier below in every thread's view.
+        let _ = seat
+            .grant
+            .compare_exchange(t, 0, Ordering::SeqCst, Ordering::Relaxed);
+        self.membarrier();
         let mut spins = 0;
-        while seat.busy.load(Ordering::Acquire) == cpu as u32 + 1 {
+        while seat.busy.load(Ordering::Acquire) == t {
             backoff(&mut spins);
         }
     }
@@ -330,26 +399,31 @@ impl CpuSet {
     }
 
     /// The biased fast path shared by `guard` and `with_cpu`: when this thread's front slot
-    /// is this machine's, holds no guard and still owns its sticky vCPU, marks the seat busy
-    /// on it and returns the seat and the CPU. `None` (seat possibly marked busy for a vCPU
-    /// it lost: the slow paths set it right) sends the caller to the slow path.
+    /// is this machine's, holds no guard and its seat still has the grant of its sticky
+    /// vCPU, marks the seat busy on it and returns the seat and the CPU. `None` (seat
+    /// possibly marked busy for a vCPU it lost: the slow paths set it right) sends the
+    /// caller to the slow path.
+    ///
+    /// Three loads from the thread-local slot, one store and one load on the seat's line;
+    /// the vCPU is not touched.
     #[inline(always)]
-    fn sticky_fast<'t>(&self, s: &'t Slot) -> Option<(&'t Seat, u32)> {
+    fn sticky_fast<'t>(&self, s: &'t Slot) -> Option<(&'t Seat, usize)> {
         // `fast` is this machine's id only when the slot is this machine's, holds no guard
-        // and knows a sticky vCPU (`Slot::refresh`).
+        // and knows a sticky vCPU, so `sticky` is a token, not 0 (`Slot::refresh`).
         if s.fast.get() != self.id {
             return None;
         }
-        let v = s.sticky.get();
         let seat = s.seat.get();
-        let cpu = s.sticky_cpu.get();
+        let t = s.sticky.get();
         // SAFETY: the slot is this machine's (ids are never reused) and the machine is alive
-        // (`self` borrows it), so its seat and sticky vCPU point into the machine's live
-        // `Shared`, which outlives the slot's use on this thread.
-        let (seat_r, v_r) = unsafe { (&*seat, &*v) };
-        seat_r.busy.store(cpu + 1, Ordering::Release);
+        // (`self` borrows it), so its seat points into the machine's live seat pool, which
+        // keeps it until the machine is dropped.
+        let seat = unsafe { &*seat };
+        seat.busy.store(t, Ordering::Release);
         compiler_fence(Ordering::SeqCst);
-        (v_r.owner.load(Ordering::Acquire) == seat as u64).then_some((seat_r, cpu))
+        // `t - 1` wrapping (`t` is never 0 here): the caller's index arithmetic folds the
+        // `- 1` into an address displacement.
+        (seat.grant.load(Ordering::Acquire) == t).then_some((seat, t.wrapping_sub(1)))
     }
 
     /// `cpu_guard`. Fast path: [`CpuSet::sticky_fast`], then the guard's bookkeeping.
@@ -360,8 +434,8 @@ impl CpuSet {
         if let Some((_, cpu)) = self.sticky_fast(s) {
             s.sdepth.set(1);
             s.set_count(1);
-            s.cur.set(cpu);
-            return HostedGuard::new(s, cpu, true, false);
+            s.cur.set(cpu as u32);
+            return HostedGuard::new(s, cpu as u32, true, false);
         }
         self.guard_slow(t)
     }
@@ -378,7 +452,7 @@ impl CpuSet {
     pub(super) unsafe fn with_cpu<R>(&self, f: impl FnOnce(usize, bool) -> R) -> R {
         let t = thread_state();
         if let Some((seat, cpu)) = self.sticky_fast(t.first()) {
-            let r = f(cpu as usize, false);
+            let r = f(cpu, false);
             seat.busy.store(0, Ordering::Release);
             return r;
         }
@@ -446,7 +520,20 @@ impl CpuSet {
                 .compare_exchange(o, me | LOCKED, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
             {
-                if o != 0 && o != me {
+                if o == me {
+                    // Our own plain ownership of a vCPU that is not our sticky one (which the
+                    // invariants rule out, see the module documentation): drop its grant, as
+                    // a revoker would. This thread is in no section on `cpu` (that case
+                    // nested above), so no wait.
+                    // SAFETY: the slot's seat is this live machine's.
+                    let seat = unsafe { &*s.seat.get() };
+                    let _ = seat.grant.compare_exchange(
+                        token(cpu),
+                        0,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                } else if o != 0 {
                     self.shared.revokes.fetch_add(1, Ordering::Relaxed);
                     self.shared.wait_revoked(o, cpu);
                 }
@@ -518,7 +605,7 @@ impl CpuSet {
         });
         let home = (self.shared.next_home.fetch_add(1, Ordering::Relaxed) % self.len()) as u32;
         s.seat.set(seat);
-        s.set_sticky(core::ptr::null());
+        s.set_sticky(0);
         s.sticky_cpu.set(home);
         s.sdepth.set(0);
         s.set_count(0);
@@ -606,28 +693,28 @@ impl CpuSet {
     /// The fast path's protocol on the sticky vCPU, out of line. On failure the vCPU is
     /// forgotten (it was revoked). The thread holds no guard on its sticky vCPU.
     fn try_sticky(&self, s: &Slot) -> Option<HostedGuard<'_>> {
-        let v = s.sticky.get();
-        if v.is_null() {
+        let t = s.sticky.get();
+        if t == 0 {
             return None;
         }
-        let seat = s.seat.get();
-        let cpu = s.sticky_cpu.get();
-        // SAFETY: as in `guard`: the slot's seat and sticky vCPU are this live machine's.
-        let (seat_r, v_r) = unsafe { (&*seat, &*v) };
-        seat_r.busy.store(cpu + 1, Ordering::Release);
+        debug_assert_eq!(t, token(s.sticky_cpu.get() as usize));
+        // SAFETY: as in `sticky_fast`: the slot's seat is this live machine's.
+        let seat = unsafe { &*s.seat.get() };
+        seat.busy.store(t, Ordering::Release);
         compiler_fence(Ordering::SeqCst);
-        if v_r.owner.load(Ordering::Acquire) == seat as u64 {
-            Some(self.enter_sticky(s, v, cpu))
+        if seat.grant.load(Ordering::Acquire) == t {
+            Some(self.enter_sticky(s, (t - 1) as u32))
         } else {
-            seat_r.busy.store(0, Ordering::Release);
-            s.set_sticky(core::ptr::null());
+            seat.busy.store(0, Ordering::Release);
+            s.set_sticky(0);
             None
         }
     }
 
-    /// A sticky section on `cpu`: `busy` is set and the owner check passed.
-    fn enter_sticky(&self, s: &Slot, v: *const VCpu, cpu: u32) -> HostedGuard<'_> {
-        s.set_sticky(v);
+    /// A sticky section on `cpu`: `busy` names it and the grant check passed (or this
+    /// thread just gave itself the vCPU after a steal).
+    fn enter_sticky(&self, s: &Slot, cpu: u32) -> HostedGuard<'_> {
+        s.set_sticky(token(cpu as usize));
         s.sticky_cpu.set(cpu);
         s.sdepth.set(1);
         let count = s.count.get();
@@ -657,14 +744,31 @@ impl CpuSet {
         loop {
             for k in 0..=n {
                 let (c, v) = order(k);
+                let t = token(c);
                 let o = v.owner.load(Ordering::Relaxed);
-                if o == me
-                    || (o == 0
-                        && v.owner
-                            .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
-                            .is_ok())
-                {
-                    s.set_sticky(v);
+                let owned = if o == me {
+                    // Already ours (the invariants say it is then our sticky vCPU, whose
+                    // grant `try_sticky` checks): never grant it here, a revoker may have
+                    // just taken it.
+                    true
+                } else if o == 0 {
+                    // The grant goes first, then the owner, with Release: a revoker that
+                    // later reads `owner == me` (Acquire) clears the grant after this store.
+                    seat_r.grant.store(t, Ordering::Relaxed);
+                    let won = v
+                        .owner
+                        .compare_exchange(0, me, Ordering::AcqRel, Ordering::Relaxed)
+                        .is_ok();
+                    if !won {
+                        // Not ours: no grant (no revoker clears one it did not take).
+                        seat_r.grant.store(0, Ordering::Relaxed);
+                    }
+                    won
+                } else {
+                    false
+                };
+                if owned {
+                    s.set_sticky(t);
                     s.sticky_cpu.set(c as u32);
                     if let Some(g) = self.try_sticky(s) {
                         return g;
@@ -683,7 +787,7 @@ impl CpuSet {
                         // SAFETY: a plain owner is the address of a seat of this machine,
                         // kept until the machine is dropped.
                         let busy = unsafe { &(*(o as *const Seat)).busy };
-                        if busy.load(Ordering::Relaxed) == c as u32 + 1 {
+                        if busy.load(Ordering::Relaxed) == token(c) {
                             continue;
                         }
                     }
@@ -693,9 +797,12 @@ impl CpuSet {
                     {
                         self.shared.steals.fetch_add(1, Ordering::Relaxed);
                         self.shared.wait_revoked(o, c);
-                        seat_r.busy.store(c as u32 + 1, Ordering::Release);
+                        // Busy and granted before the vCPU becomes a plain owner's (Release):
+                        // a revoker that takes it from us then sees both.
+                        seat_r.busy.store(token(c), Ordering::Release);
+                        seat_r.grant.store(token(c), Ordering::Relaxed);
                         v.owner.store(me, Ordering::Release);
-                        return self.enter_sticky(s, v, c as u32);
+                        return self.enter_sticky(s, c as u32);
                     }
                 }
             }

@@ -16,9 +16,11 @@ pub(super) struct Slot {
     pub(super) id: Cell<u64>,
     /// This thread's seat on the machine (its owner token).
     pub(super) seat: Cell<*const Seat>,
-    /// The sticky vCPU, or null (also always null in [`GuardMode::Cas`](super::GuardMode::Cas)).
-    pub(super) sticky: Cell<*const VCpu>,
-    /// Index of `sticky`; when `sticky` is null, the last one (tried first).
+    /// The [`token`](super::token) of the sticky vCPU, or 0 when none is known (always 0 in
+    /// [`GuardMode::Cas`](super::GuardMode::Cas)). The value the fast path stores in the
+    /// seat's `busy` and compares with its `grant`; the CPU is `sticky - 1`.
+    pub(super) sticky: Cell<usize>,
+    /// The sticky vCPU's index; when `sticky` is 0, the last one (tried first).
     pub(super) sticky_cpu: Cell<u32>,
     /// Live guards on the sticky vCPU.
     pub(super) sdepth: Cell<u32>,
@@ -42,7 +44,7 @@ impl Slot {
         Slot {
             id: Cell::new(0),
             seat: Cell::new(core::ptr::null()),
-            sticky: Cell::new(core::ptr::null()),
+            sticky: Cell::new(0),
             sticky_cpu: Cell::new(0),
             sdepth: Cell::new(0),
             count: Cell::new(0),
@@ -56,7 +58,7 @@ impl Slot {
     /// Recomputes `fast` from `id`, `count` and `sticky`.
     #[inline(always)]
     pub(super) fn refresh(&self) {
-        let usable = self.count.get() == 0 && !self.sticky.get().is_null();
+        let usable = self.count.get() == 0 && self.sticky.get() != 0;
         self.fast.set(if usable { self.id.get() } else { 0 });
     }
 
@@ -69,8 +71,8 @@ impl Slot {
 
     /// Sets `sticky` (and `fast`).
     #[inline(always)]
-    pub(super) fn set_sticky(&self, v: *const VCpu) {
-        self.sticky.set(v);
+    pub(super) fn set_sticky(&self, t: usize) {
+        self.sticky.set(t);
         self.refresh();
     }
 
