@@ -413,6 +413,23 @@ impl SlabAllocator {
 
     // ------------------------------------------------------------------ freeing
 
+    /// The common case of [`Self::slab_head`]: `p` lies in the first page of a slab (every
+    /// order-0 slab), where the offset in the slab is the offset in the page. Returns the
+    /// slab's head page, `p`'s offset and the slab's object count; `None` for anything else
+    /// (a tail page of a bigger slab, or no slab at all).
+    #[inline(always)]
+    fn slab_head_fast<P: Platform>(
+        pa: &PageAlloc<P>,
+        p: usize,
+    ) -> Option<(&crate::page_alloc::page::Page, usize, usize)> {
+        let (idx, offset) = pa.addr_index_offset(p)?;
+        let page = pa.mem_map().at_usize(idx);
+        // Only a slab's head has a non-zero object count in the top bits of its `head` word
+        // (`node::slab_objects`): one load and one test.
+        let objects = node::slab_objects(page);
+        (objects != 0).then_some((page, offset, objects))
+    }
+
     /// The head page of the slab holding address `p`, its `mem_map` index, `p`'s offset in
     /// the slab and the slab's object count; `None` when `p` is not in a slab.
     #[inline(always)]
@@ -422,9 +439,6 @@ impl SlabAllocator {
     ) -> Option<(&crate::page_alloc::page::Page, usize, usize, usize)> {
         let (idx, offset) = pa.addr_index_offset(p)?;
         let page = pa.mem_map().at_usize(idx);
-        // One test for the common case, a slab's head page (every order-0 slab), where the
-        // offset in the slab is the offset in the page: only a slab's head has a non-zero
-        // object count in the top bits of its `head` word (`node::slab_objects`).
         let objects = node::slab_objects(page);
         if objects == 0 {
             return Self::lookup_tail(pa, p, page);
@@ -493,16 +507,48 @@ impl SlabAllocator {
     ) {
         // `cache_from_obj` first (the slab must be `s`'s), then `check_valid_pointer` with
         // `s`'s own geometry, which the caller already has at hand.
-        let valid = match Self::slab_head(pa, obj as usize) {
+        if let Some((page, offset, objects)) = Self::slab_head_fast(pa, obj as usize) {
+            if page.private() == s as *const KmemCache as usize
+                && s.obj_index(offset, objects).is_some()
+            {
+                // SAFETY: `obj` is an object of `s` (checked above); the caller's contract.
+                return unsafe { self.free_to_cache(pa, s, obj) };
+            }
+        }
+        // SAFETY: the caller's contract.
+        unsafe { self.kmem_cache_free_slow(pa, s, obj) }
+    }
+
+    /// `kmem_cache_free` off its common case, out of line (so the fast path keeps nothing
+    /// alive for it): an object in a tail page of a bigger slab is freed; anything that is
+    /// not an object of `s` is reported.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Self::kmem_cache_free`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn kmem_cache_free_slow<P: Platform>(
+        &self,
+        pa: &PageAlloc<P>,
+        s: &KmemCache,
+        obj: *mut u8,
+    ) {
+        match Self::slab_head(pa, obj as usize) {
             Some((page, _, offset, objects))
                 if page.private() == s as *const KmemCache as usize =>
             {
-                s.obj_index(offset, objects).is_some()
+                if s.obj_index(offset, objects).is_some() {
+                    // SAFETY: `obj` is an object of `s` (checked above); the caller's contract.
+                    unsafe { self.free_to_cache(pa, s, obj) }
+                } else {
+                    self.report_free(pa, s.name(), obj, format_args!("invalid object pointer"))
+                }
             }
-            Some((page, _, _, _)) => {
+            Some((page, ..)) => {
                 // SAFETY: a SLAB head's `private` is its cache, alive while it has slabs.
                 let other = unsafe { &*(page.private() as *const KmemCache) };
-                return self.report_free(
+                self.report_free(
                     pa,
                     s.name(),
                     obj,
@@ -511,15 +557,9 @@ impl SlabAllocator {
                         s.name(),
                         other.name()
                     ),
-                );
+                )
             }
-            None => false,
-        };
-        if valid {
-            // SAFETY: `obj` is an object of `s` (checked above); the caller's contract.
-            unsafe { self.free_to_cache(pa, s, obj) }
-        } else {
-            self.report_free(pa, s.name(), obj, format_args!("invalid object pointer"))
+            None => self.report_free(pa, s.name(), obj, format_args!("invalid object pointer")),
         }
     }
 
@@ -558,8 +598,9 @@ impl SlabAllocator {
         pa: &PageAlloc<P>,
         obj: *mut u8,
     ) -> bool {
-        let Some((page, _, offset, objects)) = Self::slab_head(pa, obj as usize) else {
-            return false;
+        let Some((page, offset, objects)) = Self::slab_head_fast(pa, obj as usize) else {
+            // SAFETY: the caller's contract.
+            return unsafe { self.kfree_slab_tail(pa, obj) };
         };
         // SAFETY: a SLAB head's `private` is the address of the cache that owns it (set
         // before the slab was published, cleared after it was unpublished), and a cache
@@ -570,6 +611,23 @@ impl SlabAllocator {
         }
         // SAFETY: `obj` starts an object of `cache` (checked above); the caller's contract.
         unsafe { self.free_to_cache(pa, cache, obj) };
+        true
+    }
+
+    /// `kfree_slab_object` off its common case, out of line: `obj` is not in a slab's first
+    /// page; frees it if it starts an object in a tail page of a bigger slab.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Self::kfree_slab_object`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn kfree_slab_tail<P: Platform>(&self, pa: &PageAlloc<P>, obj: *mut u8) -> bool {
+        let Some(r) = self.lookup(pa, obj as usize) else {
+            return false;
+        };
+        // SAFETY: `obj` starts an object of `r.cache` (`lookup`); the caller's contract.
+        unsafe { self.free_to_cache(pa, r.cache, obj) };
         true
     }
 
@@ -889,9 +947,12 @@ impl KmemCache {
     /// This CPU's sheaf. The caller holds `cpu`'s guard (or reads racily for reports).
     #[inline(always)]
     pub(crate) fn sheaf(&self, cpu: usize) -> &Sheaf {
+        // One integer sum (see `sheaves`), so the compiler folds the constant part into the
+        // displacement of every slot access instead of adding it first.
+        let addr = self as *const KmemCache as usize + SHEAVES_OFFSET + cpu * size_of::<Sheaf>();
         // SAFETY: the cache was built with one sheaf per possible CPU and `cpu` comes from a
         // guard (below `nr_cpu_ids`).
-        unsafe { &*self.sheaves().add(cpu) }
+        unsafe { &*(addr as *const Sheaf) }
     }
 
     /// The sheaves: `SHEAVES_OFFSET` bytes after the struct, in the same allocation. Computed
