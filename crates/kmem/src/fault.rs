@@ -20,10 +20,13 @@
 //!
 //! # Cost
 //!
-//! The hooks in `kmem_cache_alloc` and `alloc_pages` are one relaxed load of an `armed` flag
-//! and a branch; everything else is out of line. A [`FaultAttr`] is armed only while its
+//! The hooks in `kmem_cache_alloc` and `alloc_pages` are one relaxed load of a word and a
+//! branch; everything else is out of line. A [`FaultAttr`] is armed only while its
 //! probability and its remaining `times` are non-zero, so an exhausted one costs no more than
-//! a disabled one.
+//! a disabled one. The word is a *gate* ([`FaultAttr::gate`]): 0 while armed, a bound chosen
+//! by the user while disarmed. `kmalloc` compares its size with `failslab`'s gate, whose
+//! bound is the largest size its caches serve, so the failslab test costs it nothing: the
+//! size test it makes anyway sends every request to the slow path while failslab is armed.
 //!
 //! # Randomness
 //!
@@ -32,7 +35,9 @@
 //! parameters fail the same way on every run, which makes a failing workload reproducible.
 
 use core::fmt;
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering::Relaxed};
+use core::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed,
+};
 
 use crate::gfp::{__GFP_DIRECT_RECLAIM, __GFP_HIGHMEM, __GFP_NOFAIL, __GFP_NOWARN, Gfp};
 use crate::platform::{LogLevel, Platform};
@@ -87,7 +92,9 @@ impl fmt::Display for FaultParams {
 /// A fault attribute (`struct fault_attr`): the knobs and the counters of one injection
 /// point. See the [module docs](self) for the algorithm.
 pub struct FaultAttr {
-    armed: AtomicBool,
+    /// 0 while armed, else `open`.
+    gate: AtomicUsize,
+    open: usize,
     name: &'static str,
     interval: AtomicU64,
     probability: AtomicU64,
@@ -101,11 +108,18 @@ pub struct FaultAttr {
 
 impl FaultAttr {
     /// A disabled attribute named `name` (`failslab`, `fail_page_alloc`), verbose 2 as
-    /// Linux's default (log every failure).
+    /// Linux's default (log every failure), whose gate is `usize::MAX` while disarmed.
     pub const fn new(name: &'static str) -> FaultAttr {
+        FaultAttr::with_gate(name, usize::MAX)
+    }
+
+    /// As [`FaultAttr::new`], with `open` (not 0) as the gate while disarmed.
+    pub const fn with_gate(name: &'static str, open: usize) -> FaultAttr {
+        assert!(open != 0);
         let d = FaultParams::DISABLED;
         FaultAttr {
-            armed: AtomicBool::new(false),
+            gate: AtomicUsize::new(open),
+            open,
             name,
             interval: AtomicU64::new(d.interval),
             probability: AtomicU64::new(d.probability),
@@ -127,14 +141,18 @@ impl FaultAttr {
     /// the request counter and reseeds the generator, so the same parameters give the same
     /// failures again. The count of injected failures is kept.
     pub fn configure(&self, p: FaultParams) {
-        self.armed.store(false, Relaxed);
+        self.set_armed(false);
         self.interval.store(p.interval, Relaxed);
         self.probability.store(p.probability, Relaxed);
         self.space.store(p.space, Relaxed);
         self.times.store(p.times, Relaxed);
         self.count.store(0, Relaxed);
         self.rng.store(seed(self.name), Relaxed);
-        self.armed.store(p.enabled(), Relaxed);
+        self.set_armed(p.enabled());
+    }
+
+    fn set_armed(&self, on: bool) {
+        self.gate.store(if on { 0 } else { self.open }, Relaxed);
     }
 
     /// The knobs as they stand: `space` and `times` count down as requests pass and fail.
@@ -156,7 +174,15 @@ impl FaultAttr {
     /// True when the attribute may inject a failure: the one load the hooks make.
     #[inline(always)]
     pub fn armed(&self) -> bool {
-        self.armed.load(Relaxed)
+        self.gate() == 0
+    }
+
+    /// The gate: 0 while the attribute is armed, else the bound it was created with
+    /// ([`FaultAttr::with_gate`]). A fast path that tests `x < gate` for a bound of its own
+    /// tests armed-ness in the same compare.
+    #[inline(always)]
+    pub fn gate(&self) -> usize {
+        self.gate.load(Relaxed)
     }
 
     /// Failures injected so far.
@@ -192,7 +218,7 @@ impl FaultAttr {
             .times
             .fetch_update(Relaxed, Relaxed, |t| (t != -1 && t != 0).then(|| t - 1));
         if dec == Ok(1) {
-            self.armed.store(false, Relaxed);
+            self.set_armed(false);
         }
         self.injected.fetch_add(1, Relaxed);
         true
@@ -263,7 +289,8 @@ impl FailSlab {
     /// Disabled, ignoring requests that may sleep (Linux's defaults).
     pub const fn new() -> FailSlab {
         FailSlab {
-            attr: FaultAttr::new("failslab"),
+            // The gate is kmalloc's fast-path bound on `size - 1` (see the module docs).
+            attr: FaultAttr::with_gate("failslab", crate::kmalloc::KMALLOC_MAX_CACHE_SIZE),
             ignore_gfp_reclaim: AtomicBool::new(true),
         }
     }

@@ -187,25 +187,52 @@ impl Kmalloc {
         size: usize,
         gfp: Gfp,
     ) -> Option<NonNull<u8>> {
-        if size.wrapping_sub(1) < KMALLOC_MAX_CACHE_SIZE {
-            let p = self.caches[kmalloc_type(gfp) as usize][kmalloc_index(size)].load(Relaxed);
-            // SAFETY: every class of every type is created at boot, before any kmalloc.
-            let cache = unsafe { &*p };
-            return slab.kmem_cache_alloc(pa, cache, gfp);
+        // `failslab`'s gate is `KMALLOC_MAX_CACHE_SIZE` while it is disarmed and 0 while it
+        // is armed: one compare tells both that a cache serves `size` and that the failslab
+        // hook has nothing to do.
+        if size.wrapping_sub(1) < pa.faults().failslab.attr.gate() {
+            // SAFETY: the gate is 0 or `KMALLOC_MAX_CACHE_SIZE` (`FailSlab::new` is the only
+            // way to make the `FailSlab` of a `PageAlloc`, and a gate's open value never
+            // changes), so `1 <= size <= KMALLOC_MAX_CACHE_SIZE`: `size` has a class.
+            let cache = unsafe {
+                core::hint::assert_unchecked(size.wrapping_sub(1) < KMALLOC_MAX_CACHE_SIZE);
+                self.cache_for(size, gfp)
+            };
+            return slab.kmem_cache_alloc_nohook(pa, cache, gfp);
         }
-        self.kmalloc_slow(pa, size, gfp)
+        self.kmalloc_slow(slab, pa, size, gfp)
+    }
+
+    /// The cache serving `size` with `gfp`'s type.
+    ///
+    /// # Safety
+    ///
+    /// `1 <= size <= KMALLOC_MAX_CACHE_SIZE`.
+    #[inline(always)]
+    unsafe fn cache_for(&self, size: usize, gfp: Gfp) -> &KmemCache {
+        debug_assert!(size.wrapping_sub(1) < KMALLOC_MAX_CACHE_SIZE);
+        let p = self.caches[kmalloc_type(gfp) as usize][kmalloc_index(size)].load(Relaxed);
+        // SAFETY: every class of every type is created at boot, before any kmalloc.
+        unsafe { &*p }
     }
 
     #[cold]
     #[inline(never)]
     fn kmalloc_slow<P: Platform>(
         &self,
+        slab: &SlabAllocator,
         pa: &PageAlloc<P>,
         size: usize,
         gfp: Gfp,
     ) -> Option<NonNull<u8>> {
         if size == 0 {
             return NonNull::new(ZERO_SIZE_PTR);
+        }
+        if size <= KMALLOC_MAX_CACHE_SIZE {
+            // Failslab is armed (or was, a moment ago): the cache path with its hook.
+            // SAFETY: `1 <= size <= KMALLOC_MAX_CACHE_SIZE`.
+            let cache = unsafe { self.cache_for(size, gfp) };
+            return slab.kmem_cache_alloc(pa, cache, gfp);
         }
         if size > KMALLOC_MAX_SIZE {
             if !gfp.contains(crate::gfp::__GFP_NOWARN) {

@@ -284,6 +284,19 @@ impl SlabAllocator {
         if failslab.should_failslab(pa.platform(), || s.object_size(), gfp) {
             return None;
         }
+        self.kmem_cache_alloc_nohook(pa, s, gfp)
+    }
+
+    /// [`Self::kmem_cache_alloc`] without the failslab hook, for `kmalloc`, whose size test
+    /// already sends every request to a path with the hook while failslab is armed
+    /// ([`crate::fault::FaultAttr::gate`]).
+    #[inline(always)]
+    pub(crate) fn kmem_cache_alloc_nohook<P: Platform>(
+        &self,
+        pa: &PageAlloc<P>,
+        s: &KmemCache,
+        gfp: Gfp,
+    ) -> Option<NonNull<u8>> {
         // SAFETY: the closure only pops this CPU's sheaf: it takes no guard and never sleeps.
         let (obj, nested) = unsafe {
             pa.platform()
