@@ -292,6 +292,11 @@ impl<P: Platform> PageAlloc<P> {
             lowmem_end_pfn,
             mm_vbase: dm.wrapping_add((base_pfn as usize) << PAGE_SHIFT),
             nr_direct: lowmem_end_pfn.saturating_sub(base_pfn) as usize,
+            direct_bytes: (lowmem_end_pfn.saturating_sub(base_pfn) as usize) << PAGE_SHIFT,
+            vmemmap: (mm_ptr as usize).wrapping_sub(
+                (dm.wrapping_add((base_pfn as usize) << PAGE_SHIFT) >> PAGE_SHIFT)
+                    .wrapping_mul(core::mem::size_of::<Page>()),
+            ),
             platform,
             config,
             mm,

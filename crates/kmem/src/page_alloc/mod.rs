@@ -103,6 +103,10 @@ pub struct PageAlloc<P: Platform> {
     lowmem_end_pfn: u64, // frames below this are in the direct map
     mm_vbase: usize,     // direct-map address of mem_map's first frame (may be notional)
     nr_direct: usize,    // mem_map entries whose frames are in the direct map
+    direct_bytes: usize, // nr_direct pages, in bytes
+    // mem_map's address minus (mm_vbase >> PAGE_SHIFT) descriptors (wrapping): the descriptor
+    // of direct-map address a is at vmemmap + (a >> PAGE_SHIFT) * size_of::<Page>()
+    vmemmap: usize,
     pub(crate) reclaim: slowpath::Reclaim,
     kmap: highmem::Kmap,
     bad_pages: AtomicUsize,
@@ -573,6 +577,25 @@ impl<P: Platform> PageAlloc<P> {
         let d = addr.wrapping_sub(self.mm_vbase);
         let idx = d >> PAGE_SHIFT;
         (idx < self.nr_direct).then_some((idx, d & (crate::addr::PAGE_SIZE - 1)))
+    }
+
+    /// The descriptor of the page holding direct-map address `addr` and `addr`'s offset in
+    /// that page, if it is RAM: `addr_index_offset` and the `mem_map` lookup with the
+    /// descriptor's address computed from `addr` alone (`vmemmap`-style: the shift of `addr`
+    /// added to a biased base), so the range check is off the load's dependency chain.
+    #[inline(always)]
+    pub(crate) fn direct_page(&self, addr: usize) -> Option<(&Page, usize)> {
+        if addr.wrapping_sub(self.mm_vbase) >= self.direct_bytes {
+            return None;
+        }
+        let desc = self
+            .vmemmap
+            .wrapping_add((addr >> PAGE_SHIFT) * core::mem::size_of::<Page>());
+        // SAFETY: `addr` is in the direct map's RAM (checked above), so its frame has a
+        // descriptor in `mem_map`, at `vmemmap + (addr >> PAGE_SHIFT) * size_of::<Page>()` (the
+        // definition of `vmemmap`); the array lives as long as `self`.
+        let page = unsafe { &*(desc as *const Page) };
+        Some((page, addr & (crate::addr::PAGE_SIZE - 1)))
     }
 
     /// Allocates a slab: `1 << order` low-memory pages (compound above order 0), marked

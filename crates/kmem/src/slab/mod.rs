@@ -435,8 +435,7 @@ impl SlabAllocator {
         pa: &PageAlloc<P>,
         p: usize,
     ) -> Option<(&crate::page_alloc::page::Page, usize, usize)> {
-        let (idx, offset) = pa.addr_index_offset(p)?;
-        let page = pa.mem_map().at_usize(idx);
+        let (page, offset) = pa.direct_page(p)?;
         // Only a slab's head has a non-zero object count in the top bits of its `head` word
         // (`node::slab_objects`): one load and one test.
         let objects = node::slab_objects(page);
