@@ -366,42 +366,58 @@ fn machines_on_parallel_threads_do_not_interfere() {
 /// More threads than vCPUs, mixing `cpu_guard`, nested guards and `lock_cpu`; every section
 /// does a non-atomic read-modify-write of its vCPU's counter.
 fn contention(mode: GuardMode, nr_cpus: usize, threads: usize, iters: usize) {
+    run_contended(mode, nr_cpus, threads, |p, counters, t| {
+        let mut n = 0;
+        for i in 0..iters {
+            let slow = (i + t) % 53 == 0;
+            let g = if (i + t) % 9 == 0 {
+                p.lock_cpu((i / 9 + t) % nr_cpus)
+            } else {
+                p.cpu_guard()
+            };
+            assert!(!g.nested());
+            counters.bump(g.cpu(), slow);
+            n += 1;
+            if i % 5 == 0 {
+                let h = p.cpu_guard();
+                assert!(h.nested());
+                assert_eq!(h.cpu(), g.cpu());
+                counters.bump(h.cpu(), false);
+                n += 1;
+            }
+            if t == 0 && i % 31 == 0 {
+                // Another vCPU inside this section (as drain_all_pages under a guard).
+                // One thread only: two threads doing this can deadlock (A holds c and
+                // waits for d, B holds d and waits for c), with any guard scheme.
+                let o = p.lock_cpu((g.cpu() + 1) % nr_cpus);
+                counters.bump(o.cpu(), false);
+                n += 1;
+            }
+            drop(g);
+            assert!(!p.in_atomic());
+        }
+        n
+    });
+}
+
+/// Runs `body(platform, counters, t)` on `threads` threads of a machine of `nr_cpus` vCPUs;
+/// each returns how many increments it made. Then checks that no increment was lost, that no
+/// two sections overlapped, and (biased mode) that every steal and revocation paid its
+/// membarrier.
+fn run_contended(
+    mode: GuardMode,
+    nr_cpus: usize,
+    threads: usize,
+    body: impl Fn(&HostedPlatform, &PerCpu, usize) -> usize + Sync,
+) {
     let p = machine_in(nr_cpus, mode);
     let counters = PerCpu::new(nr_cpus);
     let expected = AtomicUsize::new(0);
     std::thread::scope(|s| {
         for t in 0..threads {
-            let (p, counters, expected) = (&p, &counters, &expected);
+            let (p, counters, expected, body) = (&p, &counters, &expected, &body);
             s.spawn(move || {
-                let mut n = 0;
-                for i in 0..iters {
-                    let slow = (i + t) % 53 == 0;
-                    let g = if (i + t) % 9 == 0 {
-                        p.lock_cpu((i / 9 + t) % nr_cpus)
-                    } else {
-                        p.cpu_guard()
-                    };
-                    assert!(!g.nested());
-                    counters.bump(g.cpu(), slow);
-                    n += 1;
-                    if i % 5 == 0 {
-                        let h = p.cpu_guard();
-                        assert!(h.nested());
-                        assert_eq!(h.cpu(), g.cpu());
-                        counters.bump(h.cpu(), false);
-                        n += 1;
-                    }
-                    if t == 0 && i % 31 == 0 {
-                        // Another vCPU inside this section (as drain_all_pages under a guard).
-                        // One thread only: two threads doing this can deadlock (A holds c and
-                        // waits for d, B holds d and waits for c), with any guard scheme.
-                        let o = p.lock_cpu((g.cpu() + 1) % nr_cpus);
-                        counters.bump(o.cpu(), false);
-                        n += 1;
-                    }
-                    drop(g);
-                    assert!(!p.in_atomic());
-                }
+                let n = body(p, counters, t);
                 expected.fetch_add(n, Ordering::Relaxed);
             });
         }
@@ -430,58 +446,41 @@ fn exclusive_under_contention() {
 /// lists use) mixed with guards, nested guards and `lock_cpu`, more threads than vCPUs (so
 /// vCPUs are stolen, and sticky vCPUs change seat after seat).
 fn this_cpu_contention(mode: GuardMode, nr_cpus: usize, threads: usize, iters: usize) {
-    let p = machine_in(nr_cpus, mode);
-    let counters = PerCpu::new(nr_cpus);
-    let expected = AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for t in 0..threads {
-            let (p, counters, expected) = (&p, &counters, &expected);
-            s.spawn(move || {
-                let mut n = 0;
-                for i in 0..iters {
-                    match (i + t) % 11 {
-                        0 => {
-                            let l = p.lock_cpu((i / 11 + t) % nr_cpus);
-                            counters.bump(l.cpu(), (i + t) % 5 == 0);
-                        }
-                        1 | 2 => {
-                            let g = p.cpu_guard();
-                            counters.bump(g.cpu(), false);
-                            let h = p.cpu_guard();
-                            assert!(h.nested());
-                            counters.bump(h.cpu(), false);
-                            n += 1;
-                        }
-                        _ => {
-                            // SAFETY: the closure takes no guard, does not ask `in_atomic`
-                            // and does not sleep (`bump` without `slow` only spins).
-                            unsafe {
-                                p.this_cpu(|cpu, nested| {
-                                    assert!(!nested);
-                                    counters.bump(cpu, false);
-                                })
-                            };
-                        }
-                    }
-                    n += 1;
-                    assert!(!p.in_atomic());
-                    if i % 97 == 0 {
-                        std::thread::yield_now();
-                    }
+    run_contended(mode, nr_cpus, threads, |p, counters, t| {
+        let mut n = 0;
+        for i in 0..iters {
+            match (i + t) % 11 {
+                0 => {
+                    let l = p.lock_cpu((i / 11 + t) % nr_cpus);
+                    counters.bump(l.cpu(), (i + t) % 5 == 0);
                 }
-                expected.fetch_add(n, Ordering::Relaxed);
-            });
+                1 | 2 => {
+                    let g = p.cpu_guard();
+                    counters.bump(g.cpu(), false);
+                    let h = p.cpu_guard();
+                    assert!(h.nested());
+                    counters.bump(h.cpu(), false);
+                    n += 1;
+                }
+                _ => {
+                    // SAFETY: the closure takes no guard, does not ask `in_atomic` and does
+                    // not sleep (`bump` without `slow` only spins).
+                    unsafe {
+                        p.this_cpu(|cpu, nested| {
+                            assert!(!nested);
+                            counters.bump(cpu, false);
+                        })
+                    };
+                }
+            }
+            n += 1;
+            assert!(!p.in_atomic());
+            if i % 97 == 0 {
+                std::thread::yield_now();
+            }
         }
+        n
     });
-    assert_eq!(
-        counters.total(),
-        expected.load(Ordering::Relaxed) as u64,
-        "{mode:?}, {nr_cpus} vCPUs: lost increments"
-    );
-    if biased(&p) {
-        let st = p.guard_stats();
-        assert!(st.membarriers >= st.steals + st.revokes, "{st:?}");
-    }
 }
 
 #[test]
