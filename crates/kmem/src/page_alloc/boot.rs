@@ -291,7 +291,6 @@ impl<P: Platform> PageAlloc<P> {
             direct_map_base: dm,
             lowmem_end_pfn,
             mm_vbase: dm.wrapping_add((base_pfn as usize) << PAGE_SHIFT),
-            nr_direct: lowmem_end_pfn.saturating_sub(base_pfn) as usize,
             direct_bytes: (lowmem_end_pfn.saturating_sub(base_pfn) as usize) << PAGE_SHIFT,
             vmemmap: (mm_ptr as usize).wrapping_sub(
                 (dm.wrapping_add((base_pfn as usize) << PAGE_SHIFT) >> PAGE_SHIFT)

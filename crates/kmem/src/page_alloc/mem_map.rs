@@ -60,15 +60,6 @@ impl MemMap {
         self.base_pfn + self.len as u64
     }
 
-    /// [`MemMap::at`] with a `usize` index (no widening on the fast paths).
-    #[inline(always)]
-    pub(crate) fn at_usize(&self, i: usize) -> &Page {
-        debug_assert!(i < self.len);
-        // SAFETY: as in `at`: callers pass indices below `len` (checked against the direct
-        // map's page count); the array is valid for our lifetime.
-        unsafe { &*self.pages.as_ptr().add(i) }
-    }
-
     /// The descriptor at index `i`.
     #[inline]
     pub(crate) fn at(&self, i: u32) -> &Page {

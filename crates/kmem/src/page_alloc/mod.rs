@@ -102,8 +102,7 @@ pub struct PageAlloc<P: Platform> {
     direct_map_base: usize,
     lowmem_end_pfn: u64, // frames below this are in the direct map
     mm_vbase: usize,     // direct-map address of mem_map's first frame (may be notional)
-    nr_direct: usize,    // mem_map entries whose frames are in the direct map
-    direct_bytes: usize, // nr_direct pages, in bytes
+    direct_bytes: usize, // bytes of RAM in the direct map from mm_vbase (lowmem)
     // mem_map's address minus (mm_vbase >> PAGE_SHIFT) descriptors (wrapping): the descriptor
     // of direct-map address a is at vmemmap + (a >> PAGE_SHIFT) * size_of::<Page>()
     vmemmap: usize,
@@ -570,19 +569,10 @@ impl<P: Platform> PageAlloc<P> {
         self.mm_vbase.wrapping_add((idx as usize) << PAGE_SHIFT)
     }
 
-    /// The `mem_map` index of the page holding direct-map address `addr` and `addr`'s offset
-    /// in that page, if it is RAM.
-    #[inline(always)]
-    pub(crate) fn addr_index_offset(&self, addr: usize) -> Option<(usize, usize)> {
-        let d = addr.wrapping_sub(self.mm_vbase);
-        let idx = d >> PAGE_SHIFT;
-        (idx < self.nr_direct).then_some((idx, d & (crate::addr::PAGE_SIZE - 1)))
-    }
-
     /// The descriptor of the page holding direct-map address `addr` and `addr`'s offset in
-    /// that page, if it is RAM: `addr_index_offset` and the `mem_map` lookup with the
-    /// descriptor's address computed from `addr` alone (`vmemmap`-style: the shift of `addr`
-    /// added to a biased base), so the range check is off the load's dependency chain.
+    /// that page, if it is RAM. The descriptor's address is computed from `addr` alone
+    /// (`vmemmap`-style: the shift of `addr` added to a biased base), so the range check is
+    /// off the load's dependency chain.
     #[inline(always)]
     pub(crate) fn direct_page(&self, addr: usize) -> Option<(&Page, usize)> {
         if addr.wrapping_sub(self.mm_vbase) >= self.direct_bytes {

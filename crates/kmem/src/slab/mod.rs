@@ -442,20 +442,14 @@ impl SlabAllocator {
         (objects != 0).then_some((page, offset, objects))
     }
 
-    /// The head page of the slab holding address `p`, its `mem_map` index, `p`'s offset in
-    /// the slab and the slab's object count; `None` when `p` is not in a slab.
+    /// The head page of the slab holding address `p`, `p`'s offset in the slab and the
+    /// slab's object count; `None` when `p` is not in a slab.
     #[inline(always)]
     fn slab_head<P: Platform>(
         pa: &PageAlloc<P>,
         p: usize,
-    ) -> Option<(&crate::page_alloc::page::Page, usize, usize, usize)> {
-        let (idx, offset) = pa.addr_index_offset(p)?;
-        let page = pa.mem_map().at_usize(idx);
-        let objects = node::slab_objects(page);
-        if objects == 0 {
-            return Self::lookup_tail(pa, p, page);
-        }
-        Some((page, idx, offset, objects))
+    ) -> Option<(&crate::page_alloc::page::Page, usize, usize)> {
+        Self::slab_head_fast(pa, p).or_else(|| Self::lookup_tail(pa, p))
     }
 
     /// The cache, slab and index of the object at `p`, if `p` starts an object of a slab.
@@ -465,7 +459,7 @@ impl SlabAllocator {
         pa: &'a PageAlloc<P>,
         p: usize,
     ) -> Option<ObjRef<'a>> {
-        let (page, idx, offset, objects) = Self::slab_head(pa, p)?;
+        let (page, offset, objects) = Self::slab_head(pa, p)?;
         // SAFETY: a SLAB head's `private` is the cache that owns it (set before the slab was
         // published, cleared after it was unpublished), and a cache outlives its slabs.
         let cache = unsafe { &*(page.private() as *const KmemCache) };
@@ -474,20 +468,20 @@ impl SlabAllocator {
         let index = cache.obj_index(offset, objects)?;
         Some(ObjRef {
             cache,
-            slab: idx as u32,
+            slab: pa.mem_map().index_of(page),
             index,
         })
     }
 
-    /// `slab_head` off its common case, out of line: `page` is not a slab's head page; if
-    /// it is a tail page of a slab, the slab's head as `slab_head` returns it.
+    /// `slab_head` off its common case, out of line: `p` is not in a slab's head page; if it
+    /// is in a tail page of a slab, the slab's head as `slab_head` returns it.
     #[cold]
     #[inline(never)]
-    fn lookup_tail<'a, P: Platform>(
-        pa: &'a PageAlloc<P>,
+    fn lookup_tail<P: Platform>(
+        pa: &PageAlloc<P>,
         p: usize,
-        page: &crate::page_alloc::page::Page,
-    ) -> Option<(&'a crate::page_alloc::page::Page, usize, usize, usize)> {
+    ) -> Option<(&crate::page_alloc::page::Page, usize, usize)> {
+        let (page, _) = pa.direct_page(p)?;
         if page.state() & pg::TAIL == 0 {
             return None;
         }
@@ -497,7 +491,7 @@ impl SlabAllocator {
         if head.state() & pg::SLAB == 0 || objects == 0 {
             return None;
         }
-        Some((head, idx as usize, p - pa.idx_address(idx), objects))
+        Some((head, p - pa.idx_address(idx), objects))
     }
 
     /// Frees an object of `s` (`kmem_cache_free`).
@@ -547,9 +541,7 @@ impl SlabAllocator {
         obj: *mut u8,
     ) {
         match Self::slab_head(pa, obj as usize) {
-            Some((page, _, offset, objects))
-                if page.private() == s as *const KmemCache as usize =>
-            {
+            Some((page, offset, objects)) if page.private() == s as *const KmemCache as usize => {
                 if s.obj_index(offset, objects).is_some() {
                     // SAFETY: `obj` is an object of `s` (checked above); the caller's contract.
                     unsafe { self.free_to_cache(pa, s, obj) }
@@ -959,32 +951,36 @@ impl KmemCache {
     /// This CPU's sheaf. The caller holds `cpu`'s guard (or reads racily for reports).
     #[inline(always)]
     pub(crate) fn sheaf(&self, cpu: usize) -> &Sheaf {
-        // One integer sum (see `sheaves`), so the compiler folds the constant part into the
-        // displacement of every slot access instead of adding it first.
-        let addr = self as *const KmemCache as usize + SHEAVES_OFFSET + cpu * size_of::<Sheaf>();
-        // SAFETY: the cache was built with one sheaf per possible CPU and `cpu` comes from a
-        // guard (below `nr_cpu_ids`).
-        unsafe { &*(addr as *const Sheaf) }
-    }
-
-    /// The sheaves: `SHEAVES_OFFSET` bytes after the struct, in the same allocation. Computed
-    /// from the cache's address rather than kept in a field, so the fast paths do not wait
-    /// for a load before they can reach their sheaf (in `kfree`, the cache's address itself
-    /// comes from a load of the slab's descriptor).
-    #[inline(always)]
-    fn sheaves(&self) -> *const Sheaf {
-        // Direct-map addresses are handled as integers throughout the core: the cache's
-        // allocation, like every direct-map page, is reached by address.
-        (self as *const KmemCache as usize + SHEAVES_OFFSET) as *const Sheaf
+        debug_assert!(cpu < self.nr_cpus as usize);
+        // SAFETY: `cpu` comes from a guard, below `nr_cpu_ids`, the CPU sheaves' count.
+        unsafe { self.sheaf_at(cpu) }
     }
 
     /// Sheaf `i` of the barn. The caller holds the barn lock.
     #[inline]
     pub(crate) fn barn_sheaf(&self, i: usize) -> &Sheaf {
         assert!(i < sheaf::BARN_SHEAVES);
-        // SAFETY: the cache was built with `BARN_SHEAVES` sheaves after the CPUs' ones, and
-        // `nr_cpus` is where those start (set with them at creation).
-        unsafe { &*self.sheaves().add(self.nr_cpus as usize + i) }
+        // SAFETY: the barn's `BARN_SHEAVES` sheaves follow the `nr_cpus` CPU sheaves.
+        unsafe { self.sheaf_at(self.nr_cpus as usize + i) }
+    }
+
+    /// Sheaf `i` of the cache's allocation: `SHEAVES_OFFSET` bytes after the struct, the
+    /// CPUs' sheaves and then the barn's. Computed from the cache's address rather than kept
+    /// in a field, so the fast paths do not wait for a load before they can reach their sheaf
+    /// (in `kfree`, the cache's address itself comes from a load of the slab's descriptor),
+    /// and as one integer sum, so the compiler folds the constant part into the displacement
+    /// of every slot access. Direct-map addresses are handled as integers throughout the
+    /// core: the cache's allocation, like every direct-map page, is reached by address.
+    ///
+    /// # Safety
+    ///
+    /// `i < nr_cpus + BARN_SHEAVES`: the cache was built with that many sheaves.
+    #[inline(always)]
+    unsafe fn sheaf_at(&self, i: usize) -> &Sheaf {
+        let addr = self as *const KmemCache as usize + SHEAVES_OFFSET + i * size_of::<Sheaf>();
+        // SAFETY: sheaf `i` lies in the cache's allocation (the caller's contract) and lives
+        // as long as the cache.
+        unsafe { &*(addr as *const Sheaf) }
     }
 
     /// Objects sitting in CPU sheaves, summed (racy; for reports).
