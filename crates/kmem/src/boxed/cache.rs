@@ -2,7 +2,6 @@
 
 use core::fmt;
 use core::mem::{self, ManuallyDrop};
-use core::ops::{Deref, DerefMut};
 use core::ptr::{self, NonNull};
 
 use super::*;
@@ -331,29 +330,4 @@ impl<T, P: Platform> Drop for CacheBox<'_, T, P> {
     }
 }
 
-impl<T, P: Platform> Deref for CacheBox<'_, T, P> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        // SAFETY: the box owns a valid `T` (type invariant).
-        unsafe { self.ptr.as_ref() }
-    }
-}
-
-impl<T, P: Platform> DerefMut for CacheBox<'_, T, P> {
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: the box owns a valid `T`, borrowed mutably through `self`.
-        unsafe { self.ptr.as_mut() }
-    }
-}
-
-impl<T: fmt::Debug, P: Platform> fmt::Debug for CacheBox<'_, T, P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&**self, f)
-    }
-}
-
-impl<T: fmt::Display, P: Platform> fmt::Display for CacheBox<'_, T, P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&**self, f)
-    }
-}
+owning_box_impls!(CacheBox);

@@ -1,9 +1,7 @@
 //! `KBox`: a kmalloc-backed box.
 
-use core::fmt;
 use core::marker::PhantomData;
 use core::mem::{self, ManuallyDrop, MaybeUninit};
-use core::ops::{Deref, DerefMut};
 use core::pin::Pin;
 use core::ptr::{self, NonNull};
 
@@ -165,37 +163,12 @@ impl<'k, T, P: Platform> KBox<'k, MaybeUninit<T>, P> {
     }
 }
 
-impl<T, P: Platform> Deref for KBox<'_, T, P> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        // SAFETY: the box owns a valid `T` (type invariant).
-        unsafe { self.ptr.as_ref() }
-    }
-}
-
-impl<T, P: Platform> DerefMut for KBox<'_, T, P> {
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: the box owns a valid `T`, borrowed mutably through `self`.
-        unsafe { self.ptr.as_mut() }
-    }
-}
+owning_box_impls!(KBox);
 
 impl<T, P: Platform> Drop for KBox<'_, T, P> {
     fn drop(&mut self) {
         let _free = KfreeOnDrop(self.kmem, Self::kfree_ptr(self.ptr));
         // SAFETY: the box owns a valid `T`, dropped once; the memory is freed after it.
         unsafe { ptr::drop_in_place(self.ptr.as_ptr()) };
-    }
-}
-
-impl<T: fmt::Debug, P: Platform> fmt::Debug for KBox<'_, T, P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&**self, f)
-    }
-}
-
-impl<T: fmt::Display, P: Platform> fmt::Display for KBox<'_, T, P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&**self, f)
     }
 }

@@ -143,6 +143,40 @@ impl<P: Platform> Drop for KfreeOnDrop<'_, P> {
     }
 }
 
+/// `Deref`, `DerefMut`, `Debug` and `Display` for an owning box `$Box<'_, T, P>` whose
+/// `ptr: NonNull<T>` field points to a valid `T` it owns (the type invariant of `KBox`,
+/// `CacheBox` and `PoolBox`).
+macro_rules! owning_box_impls {
+    ($Box:ident) => {
+        impl<T, P: Platform> core::ops::Deref for $Box<'_, T, P> {
+            type Target = T;
+            fn deref(&self) -> &T {
+                // SAFETY: the box owns a valid `T` (type invariant).
+                unsafe { self.ptr.as_ref() }
+            }
+        }
+
+        impl<T, P: Platform> core::ops::DerefMut for $Box<'_, T, P> {
+            fn deref_mut(&mut self) -> &mut T {
+                // SAFETY: the box owns a valid `T`, borrowed mutably through `self`.
+                unsafe { self.ptr.as_mut() }
+            }
+        }
+
+        impl<T: core::fmt::Debug, P: Platform> core::fmt::Debug for $Box<'_, T, P> {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                core::fmt::Debug::fmt(&**self, f)
+            }
+        }
+
+        impl<T: core::fmt::Display, P: Platform> core::fmt::Display for $Box<'_, T, P> {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                core::fmt::Display::fmt(&**self, f)
+            }
+        }
+    };
+}
+
 mod cache;
 mod kbox;
 mod kvec;

@@ -40,7 +40,6 @@
 use core::fmt;
 use core::marker::PhantomData;
 use core::mem::{self, ManuallyDrop};
-use core::ops::{Deref, DerefMut};
 use core::ptr::{self, NonNull};
 
 use super::*;
@@ -389,29 +388,4 @@ impl<T, P: Platform> Drop for PoolBox<'_, T, P> {
     }
 }
 
-impl<T, P: Platform> Deref for PoolBox<'_, T, P> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        // SAFETY: the box owns a valid `T` (type invariant).
-        unsafe { self.ptr.as_ref() }
-    }
-}
-
-impl<T, P: Platform> DerefMut for PoolBox<'_, T, P> {
-    fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: the box owns a valid `T`, borrowed mutably through `self`.
-        unsafe { self.ptr.as_mut() }
-    }
-}
-
-impl<T: fmt::Debug, P: Platform> fmt::Debug for PoolBox<'_, T, P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&**self, f)
-    }
-}
-
-impl<T: fmt::Display, P: Platform> fmt::Display for PoolBox<'_, T, P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&**self, f)
-    }
-}
+owning_box_impls!(PoolBox);

@@ -66,6 +66,21 @@ struct Undo {
     usable: usize,           // bytes without the guard page
 }
 
+impl Undo {
+    /// A fresh area of `usable` bytes (without its guard page) at `start`: no page array yet,
+    /// nothing owned, nothing mapped.
+    fn new(node: Link, start: usize, usable: usize) -> Undo {
+        Undo {
+            node,
+            start,
+            pages: ptr::null_mut(),
+            owned: 0,
+            mapped: false,
+            usable,
+        }
+    }
+}
+
 impl Vmalloc {
     /// `__vmalloc_node_range` + `__vmalloc_area_node`; see [`Vmalloc::__vmalloc_node_range`].
     #[allow(clippy::too_many_arguments)]
@@ -110,14 +125,7 @@ impl Vmalloc {
             return None;
         };
         let nr = size / PAGE_SIZE;
-        let mut undo = Undo {
-            node,
-            start,
-            pages: ptr::null_mut(),
-            owned: 0,
-            mapped: false,
-            usable: size,
-        };
+        let mut undo = Undo::new(node, start, size);
         undo.pages = self.alloc_page_array(cx, nr, gfp, caller);
         if undo.pages.is_null() {
             self.warn_alloc(
@@ -198,14 +206,7 @@ impl Vmalloc {
             self.failures.fetch_add(1, Relaxed);
             return None;
         };
-        let mut undo = Undo {
-            node,
-            start,
-            pages: ptr::null_mut(),
-            owned: 0,
-            mapped: false,
-            usable: size,
-        };
+        let mut undo = Undo::new(node, start, size);
         undo.pages = self.alloc_page_array(cx, count, GFP_KERNEL, caller);
         if undo.pages.is_null() {
             return self.undo(cx, undo);
