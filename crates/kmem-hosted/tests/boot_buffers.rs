@@ -3,6 +3,9 @@
 //! out of the page allocator (reserved in memblock, not in `MemTotal`), and intact however
 //! hard the allocators are churned.
 
+mod common;
+use common::boot;
+
 use kmem::addr::{MAX_PAGE_ORDER, PAGE_SHIFT, PAGE_SIZE, Pfn, VirtAddr};
 use kmem::cmdline;
 use kmem::gfp::*;
@@ -12,12 +15,6 @@ use kmem_hosted::{Machine, MachineConfig};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
-
-fn boot(cfg: MachineConfig) -> Machine {
-    let m = Machine::boot(cfg).expect("machine boots");
-    m.platform().take_log();
-    m
-}
 
 /// The `MemTotal:` figure of `/proc/meminfo`, in kB.
 fn mem_total_kb(m: &Machine) -> u64 {

@@ -8,47 +8,29 @@
 //! Every test boots its own small simulated machine ([`Machine`]).
 
 mod common;
-use common::{areas, assert_back_to_boot, bytes, check_pat, pat, shrink_kmalloc, write_pat};
+use common::{
+    areas, assert_back_to_boot, boot, bytes, check_pat, head_page, in_use, log, machine, pat,
+    shrink_kmalloc, three_zones, write_pat, zone_of,
+};
 
 use std::time::{Duration, Instant};
 
-use kmem::addr::{PAGE_SIZE, Pfn, VirtAddr, get_order};
+use kmem::addr::{PAGE_SIZE, VirtAddr, get_order};
 use kmem::gfp::*;
 use kmem::kmalloc::{
     KMALLOC_MAX_SIZE, KmallocType, NR_KMALLOC_INDEX, ZERO_SIZE_PTR, kmalloc_index, kmalloc_size,
 };
-use kmem::page_alloc::page::{Page, pg};
+use kmem::page_alloc::page::pg;
 use kmem::platform::Platform;
 use kmem::slab::KmemCache;
 use kmem_hosted::{Machine, MachineConfig};
 
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
 /// Linux's kmalloc classes.
 const CLASSES: [usize; 13] = [
     8, 16, 32, 64, 96, 128, 192, 256, 512, 1024, 2048, 4096, 8192,
 ];
 
 // ------------------------------------------------------------------------------- helpers
-
-fn boot(cfg: MachineConfig) -> Machine {
-    let m = Machine::boot(cfg).expect("machine boots");
-    m.platform().take_log();
-    m
-}
-
-/// A 64 MiB x86_64 machine (DMA and DMA32 populated), 4 CPUs.
-fn machine() -> Machine {
-    boot(MachineConfig::x86_64(64 * MIB))
-}
-
-/// x86_64 with DMA (16 MiB), DMA32 (64 MiB below 4 GiB) and Normal (64 MiB above it).
-fn three_zones() -> MachineConfig {
-    MachineConfig {
-        ram: vec![(0, 16 * MIB), (4 * GIB - 64 * MIB, 128 * MIB)],
-        ..MachineConfig::x86_64(16 * MIB)
-    }
-}
 
 fn km(m: &Machine, size: usize) -> *mut u8 {
     m.kmalloc(size, GFP_KERNEL)
@@ -66,29 +48,10 @@ fn is_zero(p: *mut u8, len: usize) -> bool {
     bytes(p, len).iter().all(|&b| b == 0)
 }
 
-fn log(m: &Machine) -> String {
-    m.platform().take_log().join("\n")
-}
-
 fn cache(m: &Machine, t: KmallocType, size: usize) -> &KmemCache {
     m.kmalloc_caches()
         .cache(t, kmalloc_index(size))
         .expect("kmalloc caches exist")
-}
-
-fn in_use(m: &Machine, c: &KmemCache) -> usize {
-    c.objects_in_use(m.nr_cpus())
-}
-
-/// The head page of the slab (or compound page) holding `p`.
-fn head_page(m: &Machine, p: *const u8) -> &Page {
-    let mut page = m.virt_to_page(VirtAddr(p as usize)).expect("direct map");
-    let mut pfn = m.page_to_pfn(page).0;
-    while page.is_tail() {
-        pfn -= 1;
-        page = m.pfn_to_page(Pfn(pfn)).unwrap();
-    }
-    page
 }
 
 /// The name of the cache whose slab holds `p`.
@@ -103,11 +66,6 @@ fn cache_name(m: &Machine, p: *const u8) -> String {
         }
     });
     name.expect("the owner is a listed cache")
-}
-
-fn zone_of(m: &Machine, p: *const u8) -> ZoneType {
-    m.page_zone(m.virt_to_page(VirtAddr(p as usize)).unwrap())
-        .ztype
 }
 
 /// Free pages with the per-CPU lists drained.

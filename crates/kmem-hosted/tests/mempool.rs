@@ -28,7 +28,6 @@ use kmem::slab::SlabFlags;
 use kmem_hosted::platform::HostedPlatform;
 use kmem_hosted::{Machine, MachineConfig};
 use proptest::prelude::*;
-use proptest::test_runner::Config as ProptestConfig;
 
 fn small_machine() -> Machine {
     Machine::boot(MachineConfig::x86_64(32 << 20).with_cpus(4)).unwrap()
@@ -921,11 +920,7 @@ fn run_conservation(case: &Case) -> Stats {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: common::proptest_cases(),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(common::proptest_config())]
 
     /// Random per-thread sequences of sleeping and atomic allocations, drops and hand-offs
     /// conserve elements and values.

@@ -9,6 +9,7 @@
 //! pages from the zone's free count) are drained before each measured call.
 
 mod common;
+use common::{boot, three_zones};
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -35,27 +36,11 @@ type Held<'m> = Vec<(&'m Page, u32)>;
 
 // ------------------------------------------------------------------------------- helpers
 
-/// Boots `cfg` and empties the boot log.
-fn boot(cfg: MachineConfig) -> Machine {
-    let m = Machine::boot(cfg).expect("machine boots");
-    m.platform().take_log();
-    m
-}
-
 /// x86_64 with 12 MiB of RAM: only ZONE_DMA is populated.
 fn one_zone(min_free_kbytes: Option<u64>) -> MachineConfig {
     let mut cfg = MachineConfig::x86_64(12 * MIB);
     cfg.kmem.min_free_kbytes = min_free_kbytes;
     cfg
-}
-
-/// x86_64 with DMA (16 MiB), DMA32 (64 MiB just below 4 GiB) and Normal (64 MiB above it),
-/// a hole in between. Physical memory is sparse: the hole costs only its descriptors.
-fn three_zones() -> MachineConfig {
-    MachineConfig {
-        ram: vec![(0, 16 * MIB), (4 * GIB - 64 * MIB, 128 * MIB)],
-        ..MachineConfig::x86_64(16 * MIB)
-    }
 }
 
 fn zone_of(m: &Machine, p: &Page) -> usize {

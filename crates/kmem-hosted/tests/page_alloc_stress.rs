@@ -345,6 +345,26 @@ fn report(name: &str, m: &Machine, stats: &Stats, t0: Instant) {
     );
 }
 
+/// Boots a 4-vCPU x86_64 machine of `ram` bytes whose slow path retries twice, `wait_ns`
+/// apart.
+fn boot(ram: u64, wait_ns: u64) -> Machine {
+    let mut cfg = MachineConfig::x86_64(ram).with_cpus(4);
+    cfg.kmem.reclaim_retries = 2;
+    cfg.kmem.reclaim_wait_ns = wait_ns;
+    Machine::boot(cfg).expect("boot")
+}
+
+/// Runs `plan` on `m` under a watchdog named `name` that aborts after `limit`, then prints
+/// the run's report.
+fn watched_run(name: &'static str, m: &Machine, limit: Duration, plan: Plan) -> Stats {
+    let t0 = Instant::now();
+    let watchdog = Watchdog::new(name, limit);
+    let stats = run(m, plan);
+    drop(watchdog);
+    report(name, m, &stats, t0);
+    stats
+}
+
 /// Masks of [`cross_cpu_alloc_free`]: at order 0 none may fail with this much memory free.
 const CROSS_CPU_MASKS: &[Gfp] = &[
     GFP_KERNEL,
@@ -355,18 +375,12 @@ const CROSS_CPU_MASKS: &[Gfp] = &[
 ];
 
 fn cross_cpu(ops: usize) {
-    let mut cfg = MachineConfig::x86_64(128 * MIB).with_cpus(4);
-    cfg.kmem.reclaim_retries = 2;
-    cfg.kmem.reclaim_wait_ns = 100_000;
-    let m = Machine::boot(cfg).expect("boot");
+    let m = boot(128 * MIB, 100_000);
     let base = baseline(&m);
-    let t0 = Instant::now();
-    let watchdog = Watchdog::new(
+    let stats = watched_run(
         "cross_cpu_alloc_free",
-        Duration::from_secs(60 * ops as u64 / 30_000),
-    );
-    let stats = run(
         &m,
+        Duration::from_secs(60 * ops as u64 / 30_000),
         Plan {
             threads: 6,
             ops,
@@ -375,8 +389,6 @@ fn cross_cpu(ops: usize) {
             strict: true,
         },
     );
-    drop(watchdog);
-    report("cross_cpu_alloc_free", &m, &stats, t0);
     assert!(stats.sent.load(Relaxed) > 0);
     // At most 6 * (48 + 64) blocks of 16 pages and the per-CPU lists are out of 28K pages:
     // a higher-order allocation fails only if fragmentation left no block of its order.
@@ -413,10 +425,7 @@ const PRESSURE_MASKS: &[Gfp] = &[
 ];
 
 fn pressure(ops: usize) {
-    let mut cfg = MachineConfig::x86_64(24 * MIB).with_cpus(4);
-    cfg.kmem.reclaim_retries = 2;
-    cfg.kmem.reclaim_wait_ns = 200_000;
-    let m = Machine::boot(cfg).expect("boot");
+    let m = boot(24 * MIB, 200_000);
     let base = baseline(&m);
 
     // Ballast: fill the machine down to its min watermark (GFP_NOWAIT may not go lower),
@@ -434,13 +443,10 @@ fn pressure(ops: usize) {
         unsafe { m.__free_pages(p, order) };
         slack += 1 << order;
     }
-    let t0 = Instant::now();
-    let watchdog = Watchdog::new(
+    let stats = watched_run(
         "sleeping_allocations_under_pressure",
-        Duration::from_secs(60 * ops as u64 / 15_000),
-    );
-    let stats = run(
         &m,
+        Duration::from_secs(60 * ops as u64 / 15_000),
         Plan {
             threads: 6,
             ops,
@@ -449,8 +455,6 @@ fn pressure(ops: usize) {
             strict: false,
         },
     );
-    drop(watchdog);
-    report("sleeping_allocations_under_pressure", &m, &stats, t0);
     assert!(
         stats.failures.load(Relaxed) > 0,
         "no allocation failed: the machine was not under pressure"

@@ -3,7 +3,7 @@
 //! `sg_alloc_buffer` on unfragmented and fragmented memory, down to the exact boot accounting.
 
 mod common;
-use common::{areas, shrink_kmalloc};
+use common::{areas, boot, shrink_kmalloc};
 
 use kmem::addr::{MAX_PAGE_ORDER, NR_PAGE_ORDERS, PAGE_SIZE, Pfn, get_order};
 use kmem::gfp::*;
@@ -13,12 +13,6 @@ use kmem_hosted::{Machine, MachineConfig};
 
 const MIB: u64 = 1 << 20;
 const MIB_USIZE: usize = 1 << 20;
-
-fn boot(cfg: MachineConfig) -> Machine {
-    let m = Machine::boot(cfg).expect("machine boots");
-    m.platform().take_log();
-    m
-}
 
 /// xorshift64*: reproducible pseudo-random bytes without a dependency.
 fn random_bytes(len: usize, mut seed: u64) -> Vec<u8> {

@@ -42,7 +42,6 @@ use kmem::page_alloc::page::pg;
 use kmem::slab::{KmemCache, SlabFlags};
 use kmem_hosted::{Machine, MachineConfig};
 use proptest::prelude::*;
-use proptest::test_runner::Config as ProptestConfig;
 
 const MIB: u64 = 1 << 20;
 const MAX_KMALLOC: usize = 20_000;
@@ -647,11 +646,7 @@ fn run(ops: &[Op]) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: common::proptest_cases(),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(common::proptest_config())]
 
     /// Random cache and kmalloc sequences agree with the model.
     #[test]

@@ -13,11 +13,14 @@
 //! `boot_free_pages()`.
 
 mod common;
-use common::{areas, assert_back_to_boot, bytes, check_pat, pat, take_all_pages, write_pat};
+use common::{
+    areas, assert_back_to_boot, boot, bytes, check_pat, head_page, in_use, log, machine, pat,
+    take_all_pages, three_zones, write_pat, zone_of,
+};
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-use kmem::addr::{PAGE_SIZE, Pfn, VirtAddr};
+use kmem::addr::PAGE_SIZE;
 use kmem::gfp::*;
 use kmem::kmalloc::KmallocType;
 use kmem::page_alloc::page::{Page, pg};
@@ -25,29 +28,8 @@ use kmem::slab::{KmemCache, KmemCacheArgs, SlabFlags};
 use kmem_hosted::{Machine, MachineConfig};
 
 const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
 
 // ------------------------------------------------------------------------------- helpers
-
-/// Boots `cfg` and empties the boot log.
-fn boot(cfg: MachineConfig) -> Machine {
-    let m = Machine::boot(cfg).expect("machine boots");
-    m.platform().take_log();
-    m
-}
-
-/// A 64 MiB x86_64 machine (DMA and DMA32 populated), 4 CPUs.
-fn machine() -> Machine {
-    boot(MachineConfig::x86_64(64 * MIB))
-}
-
-/// x86_64 with DMA (16 MiB), DMA32 (64 MiB below 4 GiB) and Normal (64 MiB above it).
-fn three_zones() -> MachineConfig {
-    MachineConfig {
-        ram: vec![(0, 16 * MIB), (4 * GIB - 64 * MIB, 128 * MIB)],
-        ..MachineConfig::x86_64(16 * MIB)
-    }
-}
 
 /// Creates a cache that must be created.
 fn create<'m>(
@@ -69,49 +51,40 @@ fn destroy(m: &Machine, c: &KmemCache) {
     assert!(unsafe { m.kmem_cache_destroy(c) }, "destroy {name}");
 }
 
+/// An object of `c` that must be allocated.
 fn alloc(m: &Machine, c: &KmemCache) -> *mut u8 {
     m.kmem_cache_alloc(c, GFP_KERNEL)
         .unwrap_or_else(|| panic!("{}: allocation failed", c.name()))
         .as_ptr()
 }
 
+/// Frees an object of `c`.
 fn free(m: &Machine, c: &KmemCache, p: *mut u8) {
     // SAFETY: callers pass a live object of `c` that they own and forget.
     unsafe { m.kmem_cache_free(c, p) };
 }
 
-/// Objects in use by callers: taken out of the slabs and not sitting in a CPU sheaf.
-fn in_use(m: &Machine, c: &KmemCache) -> usize {
-    c.objects_in_use(m.nr_cpus())
+/// `n` objects of `c` that must be allocated.
+fn alloc_n(m: &Machine, c: &KmemCache, n: usize) -> Vec<*mut u8> {
+    (0..n).map(|_| alloc(m, c)).collect()
 }
 
-/// The head page of the slab holding `p`.
-fn slab_head(m: &Machine, p: *const u8) -> &Page {
-    let mut page = m
-        .virt_to_page(VirtAddr(p as usize))
-        .expect("a direct-map address");
-    let mut pfn = m.page_to_pfn(page).0;
-    while page.is_tail() {
-        pfn -= 1;
-        page = m.pfn_to_page(Pfn(pfn)).expect("the head is RAM");
+/// Frees every object of `c` in `objs`.
+fn free_all(m: &Machine, c: &KmemCache, objs: impl IntoIterator<Item = *mut u8>) {
+    for p in objs {
+        free(m, c, p);
     }
-    page
 }
 
 /// The cache owning the slab object at `p` (its address), asserting it is in a slab.
 fn owner(m: &Machine, p: *const u8) -> usize {
-    let head = slab_head(m, p);
+    let head = head_page(m, p);
     assert!(head.state() & pg::SLAB != 0, "{p:p} is not in a slab");
     head.private()
 }
 
 fn addr(c: &KmemCache) -> usize {
     c as *const KmemCache as usize
-}
-
-fn zone_of(m: &Machine, p: *const u8) -> ZoneType {
-    let page = m.virt_to_page(VirtAddr(p as usize)).expect("direct map");
-    m.page_zone(page).ztype
 }
 
 /// Asserts that no two `(address, length)` ranges overlap.
@@ -149,11 +122,6 @@ fn release(m: &Machine, held: Vec<(&Page, u32)>) {
         // SAFETY: each block was allocated by `exhaust` (or the test) at `order`, unused.
         unsafe { m.__free_pages(p, order) };
     }
-}
-
-/// The log since the last call, as one string.
-fn log(m: &Machine) -> String {
-    m.platform().take_log().join("\n")
 }
 
 /// `/proc/meminfo` field `key` in kB.
@@ -218,13 +186,11 @@ fn hwcache_align_gives_cache_line_alignment_above_32_bytes() {
         let flags = SlabFlags::HWCACHE_ALIGN | SlabFlags::NO_MERGE;
         let c = create(&m, "hw", size, 0, flags, None);
         assert_eq!(m.kmem_cache_size(c), size);
-        let objs: Vec<_> = (0..20).map(|_| alloc(&m, c)).collect();
+        let objs = alloc_n(&m, c, 20);
         for &p in &objs {
             assert_eq!(p as usize % 64, 0, "size {size}: {p:p} not on a cache line");
         }
-        for p in objs {
-            free(&m, c, p);
-        }
+        free_all(&m, c, objs);
         destroy(&m, c);
     }
 }
@@ -261,7 +227,7 @@ fn ctor_runs_once_per_object_when_a_slab_is_populated() {
     );
     let per = c.objects_per_slab();
     let n = 2 * per + 3;
-    let objs: Vec<_> = (0..n).map(|_| alloc(&m, c)).collect();
+    let objs = alloc_n(&m, c, n);
     let slabs = c.nr_slabs();
     assert!(slabs >= 3, "premise: several slabs ({slabs})");
     assert_eq!(
@@ -269,12 +235,10 @@ fn ctor_runs_once_per_object_when_a_slab_is_populated() {
         per * slabs,
         "one call per object of every slab made"
     );
-    for &p in &objs {
-        free(&m, c, p);
-    }
+    free_all(&m, c, objs.iter().copied());
     assert_eq!(c.nr_slabs(), slabs, "premise: the empty slabs are kept");
     assert_eq!(COUNT_CALLS.load(Relaxed), per * slabs, "no call on free");
-    let objs: Vec<_> = (0..n).map(|_| alloc(&m, c)).collect();
+    let objs = alloc_n(&m, c, n);
     assert_eq!(c.nr_slabs(), slabs, "premise: no new slab");
     assert_eq!(
         COUNT_CALLS.load(Relaxed),
@@ -287,9 +251,7 @@ fn ctor_runs_once_per_object_when_a_slab_is_populated() {
         more.push(alloc(&m, c));
     }
     assert_eq!(COUNT_CALLS.load(Relaxed), per * (slabs + 1));
-    for p in objs.into_iter().chain(more) {
-        free(&m, c, p);
-    }
+    free_all(&m, c, objs.into_iter().chain(more));
     destroy(&m, c);
     assert_back_to_boot(&m, &boot_areas);
 }
@@ -329,20 +291,16 @@ fn freed_objects_keep_their_constructed_state() {
 
     // Enough objects that frees flush sheaves into the slabs' free lists.
     let n = 5 * c.objects_per_slab();
-    let objs: Vec<_> = (0..n).map(|_| alloc(&m, c)).collect();
+    let objs = alloc_n(&m, c, n);
     for &p in &objs {
         check_pat(p, CTOR_SIZE, 0xc7);
     }
-    for &p in objs.iter().rev() {
-        free(&m, c, p);
-    }
-    let again: Vec<_> = (0..n).map(|_| alloc(&m, c)).collect();
+    free_all(&m, c, objs.iter().rev().copied());
+    let again = alloc_n(&m, c, n);
     for &p in &again {
         check_pat(p, CTOR_SIZE, 0xc7);
     }
-    for p in again {
-        free(&m, c, p);
-    }
+    free_all(&m, c, again);
     // After a shrink, new slabs are constructed again.
     m.kmem_cache_shrink(c);
     assert_eq!(c.nr_slabs(), 0);
@@ -386,13 +344,11 @@ fn zalloc_on_a_constructed_cache_is_reported_and_ignored() {
 fn zalloc_zeroes_dirty_objects() {
     let m = machine();
     let c = create(&m, "zalloc", 200, 0, SlabFlags::NONE, None);
-    let objs: Vec<_> = (0..100).map(|_| alloc(&m, c)).collect();
+    let objs = alloc_n(&m, c, 100);
     for &p in &objs {
         bytes(p, 200).fill(0xff);
     }
-    for &p in objs.iter().rev() {
-        free(&m, c, p);
-    }
+    free_all(&m, c, objs.iter().rev().copied());
     let z: Vec<_> = (0..100)
         .map(|_| m.kmem_cache_zalloc(c, GFP_KERNEL).unwrap().as_ptr())
         .collect();
@@ -400,9 +356,7 @@ fn zalloc_zeroes_dirty_objects() {
     for &p in &z {
         assert!(bytes(p, 200).iter().all(|&b| b == 0), "{p:p} not zeroed");
     }
-    for p in z {
-        free(&m, c, p);
-    }
+    free_all(&m, c, z);
     destroy(&m, c);
 }
 
@@ -483,10 +437,8 @@ fn bulk_alloc_and_free() {
 fn shrink_returns_free_slabs_to_the_page_allocator() {
     let m = machine();
     let c = create(&m, "shrink", 512, 0, SlabFlags::NO_MERGE, None);
-    let objs: Vec<_> = (0..1000).map(|_| alloc(&m, c)).collect();
-    for p in objs {
-        free(&m, c, p);
-    }
+    let objs = alloc_n(&m, c, 1000);
+    free_all(&m, c, objs);
     let slabs = c.nr_slabs();
     assert!(slabs > 0, "premise: empty slabs are kept");
     m.drain_all_pages();
@@ -499,13 +451,11 @@ fn shrink_returns_free_slabs_to_the_page_allocator() {
     assert_eq!(m.nr_free_pages(), before + freed, "pages in the free lists");
 
     // With live objects, only the free slabs go.
-    let objs: Vec<_> = (0..100).map(|_| alloc(&m, c)).collect();
+    let objs = alloc_n(&m, c, 100);
     m.kmem_cache_shrink(c);
     assert!(c.nr_slabs() > 0);
     assert_eq!(in_use(&m, c), 100);
-    for p in objs {
-        free(&m, c, p);
-    }
+    free_all(&m, c, objs);
     m.kmem_cache_shrink(c);
     assert_eq!(c.nr_slabs(), 0);
     destroy(&m, c);
@@ -556,11 +506,9 @@ fn destroy_with_live_objects_reports_and_keeps_them() {
     let m = machine();
     let boot_areas = areas(&m);
     let c = create(&m, "leaky", 64, 0, SlabFlags::NO_MERGE, None);
-    let objs: Vec<_> = (0..40).map(|_| alloc(&m, c)).collect();
+    let objs = alloc_n(&m, c, 40);
     let (gone, kept) = objs.split_at(35);
-    for &p in gone {
-        free(&m, c, p);
-    }
+    free_all(&m, c, gone.iter().copied());
     for (k, &p) in kept.iter().enumerate() {
         write_pat(p, 64, k);
     }
@@ -604,9 +552,7 @@ fn destroy_with_live_objects_reports_and_keeps_them() {
     // The objects can still be allocated and freed; then the cache goes.
     let p = alloc(&m, c);
     free(&m, c, p);
-    for &p in kept {
-        free(&m, c, p);
-    }
+    free_all(&m, c, kept.iter().copied());
     m.validate().unwrap();
     destroy(&m, c);
     assert!(m.platform().take_log().is_empty());
@@ -964,7 +910,7 @@ fn free_past_the_end_of_a_fallback_slab_is_rejected() {
         .kmem_cache_alloc(c, GFP_NOWAIT | __GFP_NOWARN)
         .expect("an order-0 slab")
         .as_ptr();
-    let head = slab_head(&m, p);
+    let head = head_page(&m, p);
     assert_eq!(head.order(), 0, "premise: a fallback slab");
     let per = PAGE_SIZE / c.size();
     assert!(per < c.objects_per_slab());
@@ -998,7 +944,7 @@ fn shrink_counts_the_pages_of_fallback_slabs() {
         .kmem_cache_alloc(c, GFP_NOWAIT | __GFP_NOWARN)
         .unwrap()
         .as_ptr();
-    assert_eq!(slab_head(&m, p).order(), 0, "premise: a fallback slab");
+    assert_eq!(head_page(&m, p).order(), 0, "premise: a fallback slab");
     assert_eq!(c.nr_slabs(), 1);
     free(&m, c, p);
     m.drain_all_pages();
@@ -1025,10 +971,8 @@ fn shrinker_gives_empty_slabs_back_under_pressure() {
     let m = boot(cfg);
     let boot_areas = areas(&m);
     let c = create(&m, "pressure", 4096, 0, SlabFlags::NO_MERGE, None);
-    let objs: Vec<_> = (0..600).map(|_| alloc(&m, c)).collect();
-    for p in objs {
-        free(&m, c, p);
-    }
+    let objs = alloc_n(&m, c, 600);
+    free_all(&m, c, objs);
     let cached = c.nr_slabs() << c.order();
     assert!(
         cached >= 8,
@@ -1161,15 +1105,13 @@ fn slabinfo_lists_caches_in_linux_format() {
     assert_eq!((l.active, l.num, l.num_slabs), (0, 0, 0));
 
     let n = 3 * c.objects_per_slab() + 1;
-    let objs: Vec<_> = (0..n).map(|_| alloc(&m, c)).collect();
+    let objs = alloc_n(&m, c, n);
     let l = slab_line(&m, "my_cache");
     assert_eq!(l.num_slabs, c.nr_slabs());
     assert!(l.num_slabs >= 4);
     assert!(l.active >= n, "active {} >= {n}", l.active);
     assert!(l.active <= n + c.sheaf_objects(m.nr_cpus()) + c.barn_objects());
-    for p in objs {
-        free(&m, c, p);
-    }
+    free_all(&m, c, objs);
     let l = slab_line(&m, "my_cache");
     assert!(
         l.active <= c.sheaf_objects(m.nr_cpus()) + c.barn_objects(),
@@ -1213,7 +1155,7 @@ fn create_with_an_unservable_alignment_fails() {
 fn kfree_frees_objects_of_any_cache() {
     let m = machine();
     let c = create(&m, "kfreeable", 300, 0, SlabFlags::NO_MERGE, None);
-    let objs: Vec<_> = (0..50).map(|_| alloc(&m, c)).collect();
+    let objs = alloc_n(&m, c, 50);
     assert_eq!(in_use(&m, c), 50);
     assert!(m.ksize(objs[0]) >= 300);
     for p in objs {
@@ -1278,14 +1220,12 @@ fn typesafe_by_rcu_objects_keep_their_contents_when_freed() {
     assert!(!std::ptr::eq(c, k64), "not merged with kmalloc-64");
     // More objects than a CPU's sheaf and the barn hold together.
     let n = (1 + kmem::slab::sheaf::BARN_SHEAVES) * kmem::slab::sheaf::SHEAF_MAX + 300;
-    let objs: Vec<_> = (0..n).map(|_| alloc(&m, c)).collect();
+    let objs = alloc_n(&m, c, n);
     for (k, &p) in objs.iter().enumerate() {
         write_pat(p, 64, k);
     }
     // Enough frees that sheaves flush objects back onto their slabs' free chains.
-    for &p in &objs {
-        free(&m, c, p);
-    }
+    free_all(&m, c, objs.iter().copied());
     assert!(
         c.free_objects() > 0,
         "premise: objects are back in their slabs"
@@ -1352,9 +1292,7 @@ fn a_constructor_may_allocate() {
         );
         assert!(m.ksize(buf as *const u8) >= 32);
     }
-    for p in objs {
-        free(&m, c, p);
-    }
+    free_all(&m, c, objs);
     destroy(&m, c);
     for buf in CTOR_ALLOCATED.lock().unwrap().drain(..) {
         // SAFETY: each buffer came from kmalloc in the constructor and is not used again.

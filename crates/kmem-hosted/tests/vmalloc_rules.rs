@@ -19,7 +19,7 @@
 //! tests stay below the host's `vm.max_map_count` (each mapped page can be a host mapping).
 
 mod common;
-use common::{Rng, bytes, check_pat, pat, write_pat};
+use common::{Rng, bytes, check_pat, pat, shrink_kmalloc, write_pat};
 
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
@@ -29,7 +29,6 @@ use std::time::{Duration, Instant};
 
 use kmem::addr::{PAGE_SIZE, Pfn, VirtAddr};
 use kmem::gfp::*;
-use kmem::kmalloc::{KmallocType, NR_KMALLOC_INDEX};
 use kmem::page_alloc::page::Page;
 use kmem::platform::{PageProt, Platform};
 use kmem::vmalloc::*;
@@ -127,13 +126,7 @@ impl T {
     /// Purges, shrinks the caches vmalloc uses, drains the per-CPU lists: free pages.
     fn settled_free(&self) -> usize {
         self.vm().vm_unmap_aliases(self.cx());
-        for ty in [KmallocType::Normal, KmallocType::Reclaim, KmallocType::Dma] {
-            for i in 1..NR_KMALLOC_INDEX {
-                if let Some(c) = self.m.kmalloc_caches().cache(ty, i) {
-                    self.m.kmem_cache_shrink(c);
-                }
-            }
-        }
+        shrink_kmalloc(&self.m);
         self.m.kmem_cache_shrink(self.vm().area_cache());
         self.m.drain_all_pages();
         self.m.nr_free_pages()
@@ -157,6 +150,30 @@ impl T {
         assert!(!log.contains("BUG"), "unexpected report:\n{log}");
     }
 
+    /// `n` order-0 pages taken with `GFP_KERNEL`, which must be allocated.
+    fn alloc_pages(&self, n: usize) -> Vec<&Page> {
+        (0..n)
+            .map(|_| self.m.alloc_page(GFP_KERNEL).unwrap())
+            .collect()
+    }
+
+    /// Frees order-0 `pages`.
+    fn free_pages<'a>(&self, pages: impl IntoIterator<Item = &'a Page>) {
+        for p in pages {
+            // SAFETY: callers pass order-0 pages they allocated, no longer use and no longer
+            // have mapped.
+            unsafe { self.m.__free_pages(p, 0) };
+        }
+    }
+
+    /// `vmap` of `pages`, which must succeed.
+    fn vmap(&self, pages: &[&Page]) -> *mut u8 {
+        self.vm()
+            .vmap(self.cx(), pages, VM_MAP, PageProt::KERNEL)
+            .unwrap()
+            .as_ptr()
+    }
+
     /// The frames behind `n` pages at `p`.
     fn pfns(&self, p: *const u8, n: usize) -> Vec<u64> {
         (0..n)
@@ -166,6 +183,12 @@ impl T {
             })
             .collect()
     }
+}
+
+/// Asserts the page at `va` holds page `i` of a buffer filled with `tag`'s pattern.
+fn assert_page_pat(va: *mut u8, tag: usize, i: usize) {
+    let expect: Vec<u8> = (0..PAGE).map(|j| pat(tag, i * PAGE + j)).collect();
+    assert_eq!(bytes(va, PAGE), &expect[..], "page {i}");
 }
 
 // ------------------------------------------------------------------------------- basics
@@ -628,13 +651,8 @@ fn lazy_threshold_triggers_purge() {
 fn pages_are_scattered_but_virtually_contiguous() {
     let t = T::small();
     // Fragment: take 1024 pages, give back every other one.
-    let held: Vec<&Page> = (0..1024)
-        .map(|_| t.m.alloc_page(GFP_KERNEL).unwrap())
-        .collect();
-    for p in held.iter().step_by(2) {
-        // SAFETY: allocated above, unused.
-        unsafe { t.m.__free_pages(p, 0) };
-    }
+    let held = t.alloc_pages(1024);
+    t.free_pages(held.iter().step_by(2).copied());
     let n = 64;
     let p = t.vmalloc(n * PAGE);
     let pfns = t.pfns(p, n);
@@ -649,8 +667,7 @@ fn pages_are_scattered_but_virtually_contiguous() {
     for (i, &pfn) in pfns.iter().enumerate() {
         let page = t.m.pfn_to_page(Pfn(pfn)).unwrap();
         let direct = t.m.page_address(page).unwrap().as_ptr();
-        let expect: Vec<u8> = (0..PAGE).map(|j| pat(7, i * PAGE + j)).collect();
-        assert_eq!(bytes(direct, PAGE), &expect[..], "page {i}");
+        assert_page_pat(direct, 7, i);
     }
     // A write through the direct map shows in the vmalloc view.
     let page = t.m.pfn_to_page(Pfn(pfns[10])).unwrap();
@@ -658,10 +675,7 @@ fn pages_are_scattered_but_virtually_contiguous() {
     unsafe { t.m.page_address(page).unwrap().as_ptr().add(5).write(0xee) };
     assert_eq!(bytes(p, n * PAGE)[10 * PAGE + 5], 0xee);
     t.vfree(p);
-    for p in held.iter().skip(1).step_by(2) {
-        // SAFETY: allocated above, unused.
-        unsafe { t.m.__free_pages(p, 0) };
-    }
+    t.free_pages(held.iter().skip(1).step_by(2).copied());
     t.assert_clean();
 }
 
@@ -683,8 +697,7 @@ fn highmem_pages_on_x86_32() {
         assert!(t.m.page_address(page).is_none());
         if i % 37 == 0 {
             let va = t.m.kmap(page).as_ptr();
-            let expect: Vec<u8> = (0..PAGE).map(|j| pat(9, i * PAGE + j)).collect();
-            assert_eq!(bytes(va, PAGE), &expect[..]);
+            assert_page_pat(va, 9, i);
             t.m.kunmap(page);
         }
     }
@@ -761,14 +774,8 @@ fn vmalloc_to_page_round_trip() {
 #[test]
 fn vmap_and_vunmap() {
     let t = T::small();
-    let pages: Vec<&Page> = (0..8)
-        .map(|_| t.m.alloc_page(GFP_KERNEL).unwrap())
-        .collect();
-    let p = t
-        .vm()
-        .vmap(t.cx(), &pages, VM_MAP, PageProt::KERNEL)
-        .unwrap()
-        .as_ptr();
+    let pages = t.alloc_pages(8);
+    let p = t.vmap(&pages);
     write_pat(p, 8 * PAGE, 11);
     for (i, page) in pages.iter().enumerate() {
         let got = t
@@ -797,8 +804,7 @@ fn vmap_and_vunmap() {
     for (i, page) in pages.iter().enumerate() {
         assert!(page.is_allocated(), "the pages stay the caller's");
         let direct = t.m.page_address(page).unwrap().as_ptr();
-        let expect: Vec<u8> = (0..PAGE).map(|j| pat(11, i * PAGE + j)).collect();
-        assert_eq!(bytes(direct, PAGE), &expect[..]);
+        assert_page_pat(direct, 11, i);
         // SAFETY: allocated above, unmapped now.
         unsafe { t.m.__free_pages(page, 0) };
     }
@@ -963,10 +969,7 @@ fn atomic_vmalloc_on_exhausted_machine_fails_cleanly() {
         held.push(p);
     }
     // A few pages back, so the attempt gets some pages before it runs out.
-    for p in held.drain(..6) {
-        // SAFETY: allocated above, unused.
-        unsafe { t.m.__free_pages(p, 0) };
-    }
+    t.free_pages(held.drain(..6));
     let before = t.settled_free();
     t.log();
     let started = Instant::now();
@@ -993,10 +996,7 @@ fn atomic_vmalloc_on_exhausted_machine_fails_cleanly() {
     assert!(!log.contains("sleeping function"), "{log}");
     assert_eq!(t.vm().nr_busy_areas(), 0);
     assert_eq!(t.settled_free(), before, "every page taken was given back");
-    for p in held {
-        // SAFETY: allocated above, unused.
-        unsafe { t.m.__free_pages(p, 0) };
-    }
+    t.free_pages(held);
     t.assert_clean();
 }
 
@@ -1012,14 +1012,8 @@ fn accounting_returns_exactly() {
     let ps: Vec<*mut u8> = sizes.iter().map(|&n| t.vmalloc(n * PAGE)).collect();
     let z = t.vm().vzalloc(t.cx(), 5 * PAGE).unwrap().as_ptr();
     let u = t.vm().vmalloc_user(t.cx(), 7 * PAGE).unwrap().as_ptr();
-    let pages: Vec<&Page> = (0..3)
-        .map(|_| t.m.alloc_page(GFP_KERNEL).unwrap())
-        .collect();
-    let v = t
-        .vm()
-        .vmap(t.cx(), &pages, VM_MAP, PageProt::KERNEL)
-        .unwrap()
-        .as_ptr();
+    let pages = t.alloc_pages(3);
+    let v = t.vmap(&pages);
     let r = t.area(9 * PAGE, VM_IOREMAP);
     let owned: usize = sizes.iter().sum::<usize>() + 5 + 7;
     // The 513- and 600-page areas have vmalloc'ed page arrays of 2 pages each.
@@ -1034,10 +1028,7 @@ fn accounting_returns_exactly() {
     // SAFETY: our mapping.
     unsafe { t.vm().vunmap(t.cx(), v) };
     t.free_area(r);
-    for p in pages {
-        // SAFETY: allocated above, unmapped.
-        unsafe { t.m.__free_pages(p, 0) };
-    }
+    t.free_pages(pages);
     t.assert_clean();
 }
 
@@ -1122,14 +1113,8 @@ fn vmallocinfo_lines_parse() {
         .as_ptr();
     let (b, line) = (t.vmalloc(513 * PAGE), line!());
     let u = t.vm().vmalloc_user(t.cx(), PAGE).unwrap().as_ptr();
-    let pages: Vec<&Page> = (0..2)
-        .map(|_| t.m.alloc_page(GFP_KERNEL).unwrap())
-        .collect();
-    let v = t
-        .vm()
-        .vmap(t.cx(), &pages, VM_MAP, PageProt::KERNEL)
-        .unwrap()
-        .as_ptr();
+    let pages = t.alloc_pages(2);
+    let v = t.vmap(&pages);
     let r = t.area(3 * PAGE, VM_IOREMAP);
     let gone = t.vmalloc(2 * PAGE);
     t.vfree(gone);
@@ -1193,10 +1178,7 @@ fn vmallocinfo_lines_parse() {
     // SAFETY: our mapping.
     unsafe { t.vm().vunmap(t.cx(), v) };
     t.free_area(r);
-    for p in pages {
-        // SAFETY: allocated above, unmapped.
-        unsafe { t.m.__free_pages(p, 0) };
-    }
+    t.free_pages(pages);
     t.vm().vm_unmap_aliases(t.cx());
     assert_eq!(t.info(), "", "nothing busy, nothing unpurged");
     t.assert_clean();

@@ -12,13 +12,12 @@
 //! * [`threads_churn_with_purges_soak`]: ten times as long, `#[ignore]`.
 
 mod common;
-use common::Rng;
+use common::{Rng, shrink_kmalloc};
 use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use kmem::addr::PAGE_SIZE;
 use kmem::gfp::*;
-use kmem::kmalloc::{KmallocType, NR_KMALLOC_INDEX};
 use kmem::page_alloc::page::Page;
 use kmem::platform::PageProt;
 use kmem::vmalloc::*;
@@ -32,15 +31,10 @@ fn cx(m: &Machine) -> VmCtx<'_, HostedPlatform> {
     VmCtx::new(m.pages(), m.slab(), m.kmalloc_caches())
 }
 
+/// Purges, shrinks the caches vmalloc uses, drains the per-CPU lists: free pages.
 fn settled_free(m: &Machine, vm: &Vmalloc) -> usize {
     vm.vm_unmap_aliases(cx(m));
-    for ty in [KmallocType::Normal, KmallocType::Reclaim, KmallocType::Dma] {
-        for i in 1..NR_KMALLOC_INDEX {
-            if let Some(c) = m.kmalloc_caches().cache(ty, i) {
-                m.kmem_cache_shrink(c);
-            }
-        }
-    }
+    shrink_kmalloc(m);
     m.kmem_cache_shrink(vm.area_cache());
     m.drain_all_pages();
     m.nr_free_pages()

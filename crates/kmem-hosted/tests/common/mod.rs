@@ -1,7 +1,8 @@
 //! Helpers shared by the integration tests: byte patterns written into allocations and
 //! checked before they are freed, a watchdog that turns a hang into a failure, a small
-//! deterministic generator, the property tests' case count, and the machine-state helpers
-//! (taking every page, shrinking the kmalloc caches, checking the machine is back to boot).
+//! deterministic generator, the property tests' configuration, booting (and the machine
+//! shapes several files share), and the machine-state helpers (taking every page, shrinking
+//! the kmalloc caches, checking the machine is back to boot, finding an object's page).
 
 #![allow(dead_code)] // each test file uses its own subset
 
@@ -9,11 +10,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use kmem::addr::NR_PAGE_ORDERS;
-use kmem::gfp::{__GFP_MEMALLOC, __GFP_NOWARN, GFP_NOWAIT};
+use kmem::addr::{NR_PAGE_ORDERS, Pfn, VirtAddr};
+use kmem::gfp::{__GFP_MEMALLOC, __GFP_NOWARN, GFP_NOWAIT, ZoneType};
 use kmem::kmalloc::{KmallocType, NR_KMALLOC_INDEX};
 use kmem::page_alloc::page::Page;
-use kmem_hosted::Machine;
+use kmem::slab::KmemCache;
+use kmem_hosted::{Machine, MachineConfig};
+use proptest::test_runner::Config as ProptestConfig;
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
 
 /// The `len` bytes at `p` as a slice.
 #[allow(clippy::mut_from_ref)]
@@ -105,6 +111,65 @@ pub fn proptest_cases() -> u32 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(64)
+}
+
+/// The property tests' configuration: [`proptest_cases`] cases, no failure persistence.
+pub fn proptest_config() -> ProptestConfig {
+    ProptestConfig {
+        cases: proptest_cases(),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+/// Boots `cfg` and empties the boot log.
+pub fn boot(cfg: MachineConfig) -> Machine {
+    let m = Machine::boot(cfg).expect("machine boots");
+    m.platform().take_log();
+    m
+}
+
+/// A 64 MiB x86_64 machine (DMA and DMA32 populated), 4 CPUs, its boot log emptied.
+pub fn machine() -> Machine {
+    boot(MachineConfig::x86_64(64 * MIB))
+}
+
+/// x86_64 with DMA (16 MiB), DMA32 (64 MiB just below 4 GiB) and Normal (64 MiB above it),
+/// a hole in between. Physical memory is sparse: the hole costs only its descriptors.
+pub fn three_zones() -> MachineConfig {
+    MachineConfig {
+        ram: vec![(0, 16 * MIB), (4 * GIB - 64 * MIB, 128 * MIB)],
+        ..MachineConfig::x86_64(16 * MIB)
+    }
+}
+
+/// The log since the last call, as one string.
+pub fn log(m: &Machine) -> String {
+    m.platform().take_log().join("\n")
+}
+
+/// Objects of `c` in use by callers: taken out of the slabs and not sitting in a CPU sheaf.
+pub fn in_use(m: &Machine, c: &KmemCache) -> usize {
+    c.objects_in_use(m.nr_cpus())
+}
+
+/// The head page of the slab (or compound page) holding the direct-map address `p`.
+pub fn head_page(m: &Machine, p: *const u8) -> &Page {
+    let mut page = m
+        .virt_to_page(VirtAddr(p as usize))
+        .expect("a direct-map address");
+    let mut pfn = m.page_to_pfn(page).0;
+    while page.is_tail() {
+        pfn -= 1;
+        page = m.pfn_to_page(Pfn(pfn)).expect("the head is RAM");
+    }
+    page
+}
+
+/// The zone of the page holding the direct-map address `p`.
+pub fn zone_of(m: &Machine, p: *const u8) -> ZoneType {
+    let page = m.virt_to_page(VirtAddr(p as usize)).expect("direct map");
+    m.page_zone(page).ztype
 }
 
 /// Takes every free page of `m` as an order-0 allocation, reserves included, draining the
