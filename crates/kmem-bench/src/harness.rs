@@ -127,7 +127,7 @@ pub(crate) fn pair_sampler<S: PageSource>(
     TimedSampler::new(move |n| pair_loop(&mut src, n), warmup_time, sample_time)
 }
 
-/// The page churn: a [`FixedSampler`] over [`Churn::run`].
+/// The page churn: a [`FixedSampler`] over [`WorkingSet::run`](crate::workload::WorkingSet::run).
 pub(crate) fn churn_sampler<S: PageSource>(
     mut churn: Churn<S>,
     warmup_steps: u64,

@@ -2,12 +2,13 @@
 //! working set of live objects.
 //!
 //! Both are generic over [`ObjSource`] and `#[inline(never)]`, so each allocator gets its own
-//! compiled loop (callgrind shows them as `obj_pair_loop<…>` / `ObjChurn<…>::run`).
+//! compiled loop (callgrind shows them as `obj_pair_loop<…>` / `WorkingSet<…>::run`: the
+//! churn is the [`WorkingSet`] of [`crate::workload`] over the [`Objects`] adapter).
 
 use std::hint::black_box;
 
 use crate::objsource::ObjSource;
-use crate::workload::XorShift64;
+use crate::workload::{ChurnSource, WorkingSet};
 
 /// Smallest size the churn draws.
 pub const CHURN_MIN_SIZE: usize = 8;
@@ -33,70 +34,53 @@ pub fn obj_pair_loop<S: ObjSource>(src: &mut S, size: usize, n: u64) {
     }
 }
 
+/// An [`ObjSource`] as a [`ChurnSource`]: the request is an object size drawn by
+/// [`churn_size`], the handle the object's address.
+pub struct Objects<S: ObjSource>(S);
+
+impl<S: ObjSource> ChurnSource for Objects<S> {
+    type Request = usize;
+
+    #[inline(always)]
+    fn request(r: u64) -> usize {
+        churn_size(r)
+    }
+
+    #[inline(always)]
+    fn word(size: usize) -> u32 {
+        // At most CHURN_MAX_SIZE: fits in a u32.
+        size as u32
+    }
+
+    #[inline(always)]
+    fn alloc(&mut self, size: usize) -> usize {
+        self.0.alloc(size) as usize
+    }
+
+    #[inline(always)]
+    unsafe fn free(&mut self, handle: usize, size: u32) {
+        // SAFETY: by the caller's contract `handle` came from `alloc` on this source with a
+        // size whose word is `size` (the word is the size itself: no size drawn exceeds
+        // `u32::MAX`), i.e. it is the address the object source's `alloc` returned for that
+        // size, and it is freed once.
+        unsafe { self.0.free(handle as *mut u8, size as usize) };
+    }
+}
+
 /// A working set of live objects on one source. Each step frees a random live object and
 /// allocates one of a random size ([`churn_size`]) in its place; the sequence comes from a
-/// fixed-seed [`XorShift64`], the same for every allocator. Dropping the churn frees every
-/// live object.
-pub struct ObjChurn<S: ObjSource> {
-    src: S,
-    rng: XorShift64,
-    live: Vec<(usize, u32)>, // (address, size)
-}
+/// fixed-seed [`XorShift64`](crate::workload::XorShift64), the same for every allocator.
+/// Dropping the churn frees every live object.
+pub type ObjChurn<S> = WorkingSet<Objects<S>>;
 
 impl<S: ObjSource> ObjChurn<S> {
     /// Fills a working set of `objects` objects (random sizes from `seed`) on `src`.
-    pub fn new(mut src: S, objects: usize, seed: u64) -> ObjChurn<S> {
-        assert!(
-            objects > 0 && objects <= u32::MAX as usize,
-            "working set size out of range"
-        );
-        let mut rng = XorShift64::new(seed);
-        let live = (0..objects)
-            .map(|_| {
-                let size = churn_size(rng.next());
-                (src.alloc(size) as usize, size as u32)
-            })
-            .collect();
-        ObjChurn { src, rng, live }
-    }
-
-    /// Runs `steps` steps.
-    #[inline(never)]
-    pub fn run(&mut self, steps: u64) {
-        let n = self.live.len() as u64;
-        for _ in 0..steps {
-            let r = self.rng.next();
-            let i = (((r & 0xffff_ffff) * n) >> 32) as usize;
-            let size = churn_size(r);
-            let (p, s) = self.live[i];
-            // SAFETY: every entry of `live` is an object allocated from `src` with its size
-            // and not freed since; it is replaced right below.
-            unsafe { self.src.free(p as *mut u8, s as usize) };
-            self.live[i] = (black_box(self.src.alloc(size)) as usize, size as u32);
-        }
-    }
-
-    /// Live objects.
-    pub fn len(&self) -> usize {
-        self.live.len()
-    }
-
-    /// True when the working set is empty (never, once built).
-    pub fn is_empty(&self) -> bool {
-        self.live.is_empty()
+    pub fn new(src: S, objects: usize, seed: u64) -> ObjChurn<S> {
+        WorkingSet::with_source(Objects(src), objects, seed)
     }
 
     /// Bytes asked for by the live objects.
     pub fn live_bytes(&self) -> usize {
-        self.live.iter().map(|&(_, s)| s as usize).sum()
-    }
-}
-
-impl<S: ObjSource> Drop for ObjChurn<S> {
-    fn drop(&mut self) {
-        for (p, s) in self.live.drain(..) {
-            // SAFETY: as in `run`: each entry is a live object of `src` with its size.
-            unsafe { self.src.free(p as *mut u8, s as usize) };
-        }
+        self.words().map(|s| s as usize).sum()
     }
 }
